@@ -167,9 +167,18 @@ impl ClusterSpec {
                 format!("use a multiple of {k}"),
             ));
         }
-        if gpus % k == 0 {
+        if gpus > 1 << 17 {
+            return Err(SpecError::invalid(
+                source,
+                "--gpus",
+                gpus,
+                "is more than Switchyard plans for (131,072)",
+                "use fewer GPUs",
+            ));
+        }
+        if gpus.is_multiple_of(k) {
             c.nodes = gpus / k;
-        } else if gpus < k && k % gpus == 0 {
+        } else if gpus < k && k.is_multiple_of(gpus) {
             c.nodes = 1;
             c.gpus_per_node = gpus;
         } else {
@@ -231,12 +240,12 @@ impl ClusterSpec {
         if self.name.trim().is_empty() {
             return Err(SpecError::invalid(source, "name", "\"\"", "must not be empty", "give the cluster a name"));
         }
-        if self.nodes == 0 || self.nodes > 1 << 20 {
+        if self.nodes == 0 || self.nodes > 1 << 17 {
             return Err(SpecError::invalid(
                 source,
                 "nodes",
                 self.nodes,
-                "must be between 1 and 2^20",
+                "must be between 1 and 131,072",
                 "count the nodes",
             ));
         }
@@ -247,6 +256,15 @@ impl ClusterSpec {
                 self.gpus_per_node,
                 "must be between 1 and 1024",
                 "count the GPUs in one node (usually 4 or 8)",
+            ));
+        }
+        if self.num_gpus() > 1 << 17 {
+            return Err(SpecError::invalid(
+                source,
+                "nodes",
+                self.nodes,
+                format!("{} GPUs is more than Switchyard plans for (131,072)", self.num_gpus()),
+                "plan a smaller cluster",
             ));
         }
         posf("gpu.memory_gib", self.gpu.memory_gib)?;

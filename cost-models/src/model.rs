@@ -243,7 +243,7 @@ impl ModelSpec {
     pub fn is_moe_layer(&self, l: u32) -> bool {
         match &self.moe {
             None => false,
-            Some(m) => l >= m.first_k_dense_layers && (l - m.first_k_dense_layers) % m.moe_layer_frequency.max(1) == 0,
+            Some(m) => l >= m.first_k_dense_layers && (l - m.first_k_dense_layers).is_multiple_of(m.moe_layer_frequency.max(1)),
         }
     }
 
@@ -321,6 +321,15 @@ impl ModelSpec {
             return Err(SpecError::invalid(source, "name", "\"\"", "must not be empty", "give the model a name"));
         }
         pos("num_layers", self.num_layers as u64)?;
+        if self.num_layers > 10_000 {
+            return Err(SpecError::invalid(
+                source,
+                "num_layers",
+                self.num_layers,
+                "more than 10,000 layers is not a real model",
+                "check the value",
+            ));
+        }
         pos("hidden_size", self.hidden_size)?;
         pos("ffn_hidden", self.ffn_hidden)?;
         pos("vocab_size", self.vocab_size)?;

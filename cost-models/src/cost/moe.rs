@@ -1,0 +1,279 @@
+//! One MoE layer under a measured load matrix and a placement: compute as the maximum over GPUs, all-to-all
+//! dispatch and combine from the source-rank x expert matrix, and gradient synchronisation of replicas.
+//! Also the expert-fetch (Janus, data-centric) alternative.
+
+use serde::Serialize;
+
+use super::comm::{all_reduce_time_s, all_to_all_time_s};
+use super::compute::{DeviceRates, ffn_time_s};
+use super::fabric::Fabric;
+use crate::cluster::ModelConstants;
+use crate::placement::Placement;
+use crate::workload::LoadMatrix;
+
+/// Sizes of one MoE layer's experts and the hardware numbers its terms need.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeLayerShape {
+    /// Model width.
+    pub d_model: u64,
+    /// Expert FFN hidden width.
+    pub d_ffn: u64,
+    /// SwiGLU experts.
+    pub gated: bool,
+    /// Bytes of one activation element on the wire and in memory.
+    pub act_bytes: u64,
+    /// Bytes of one expert weight element (for replica gradient reduction and expert fetch).
+    pub param_bytes: u64,
+    /// Bytes of one expert gradient element as reduced.
+    pub grad_bytes: u64,
+    /// GPU peak FLOP/s for the training dtype.
+    pub peak_flops: f64,
+}
+
+impl MoeLayerShape {
+    /// Weights of one expert (no biases counted for gated experts; Linear biases for the GELU form).
+    pub fn expert_params(&self) -> f64 {
+        let mats = if self.gated { 3.0 } else { 2.0 };
+        let bias = if self.gated { 0.0 } else { (self.d_ffn + self.d_model) as f64 };
+        mats * self.d_model as f64 * self.d_ffn as f64 + bias
+    }
+}
+
+/// The modelled time of one MoE layer (forward + backward), with the terms that make it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeLayerTime {
+    /// Expert compute of the busiest GPU, forward + backward.
+    pub compute_ms: f64,
+    /// Dispatch + combine all-to-all, forward and backward (4 exchanges).
+    pub all_to_all_ms: f64,
+    /// Gradient all-reduce among the replicas of replicated experts (the slowest GPU's share).
+    pub replica_sync_ms: f64,
+    /// Sum of the terms.
+    pub total_ms: f64,
+    /// Index (within the group) of the busiest GPU.
+    pub busiest_gpu: usize,
+    /// Tokens each GPU's slots process.
+    pub gpu_tokens: Vec<f64>,
+    /// Busiest GPU's tokens over the mean.
+    pub imbalance: f64,
+}
+
+/// Tokens from source rank `s` to each GPU when every expert's tokens are split evenly over its replicas.
+pub fn traffic_tokens(load: &LoadMatrix, placement: &Placement) -> Vec<Vec<f64>> {
+    let cnt = placement.replica_counts();
+    let mut t = vec![vec![0.0; placement.gpus]; load.ranks];
+    for (slot, &e) in placement.slots.iter().enumerate() {
+        let g = placement.gpu_of_slot(slot);
+        let share = 1.0 / cnt[e as usize] as f64;
+        for (s, row) in t.iter_mut().enumerate() {
+            row[g] += load.get(s, e as usize) as f64 * share;
+        }
+    }
+    t
+}
+
+/// Models one MoE layer, forward and backward, for the load of one iteration (or micro-batch) `load` (rows:
+/// source GPUs of the expert-parallel group, which are also the placement's GPUs), the placement, and where the
+/// group's GPUs sit (`gpus[i]` is the global index of group GPU `i`). Errors when the shapes disagree.
+pub fn moe_layer_exact(
+    shape: &MoeLayerShape,
+    load: &LoadMatrix,
+    placement: &Placement,
+    gpus: &[u32],
+    fabric: &Fabric,
+    c: &ModelConstants,
+    hierarchical: bool,
+) -> Result<MoeLayerTime, String> {
+    if load.ranks != placement.gpus || gpus.len() != placement.gpus {
+        return Err(format!(
+            "the load matrix has {} source ranks, the placement {} GPUs and the group {} GPUs; they must agree",
+            load.ranks,
+            placement.gpus,
+            gpus.len()
+        ));
+    }
+    if load.experts != placement.experts {
+        return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
+    }
+    let d = shape.d_model as f64;
+    let loads: Vec<f64> = load.expert_loads().into_iter().map(|x| x as f64).collect();
+    let cnt = placement.replica_counts();
+    // Compute per GPU: each slot runs its share of its expert's tokens.
+    let mut gpu_time = vec![0.0; placement.gpus];
+    let mut gpu_tokens = vec![0.0; placement.gpus];
+    for (slot, &e) in placement.slots.iter().enumerate() {
+        let g = placement.gpu_of_slot(slot);
+        let tokens = loads[e as usize] / cnt[e as usize] as f64;
+        if tokens <= 0.0 {
+            continue;
+        }
+        let (f, b) = ffn_time_s(
+            tokens,
+            d,
+            shape.d_ffn as f64,
+            shape.gated,
+            shape.act_bytes as f64,
+            DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s },
+            c,
+        );
+        gpu_time[g] += f + b + 2.0 * c.per_expert_overhead_us * 1e-6;
+        gpu_tokens[g] += tokens;
+    }
+    let (busiest_gpu, compute_s) =
+        gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
+    // Dispatch bytes s -> g and the combine's reverse; backward repeats both.
+    let tokens = traffic_tokens(load, placement);
+    let bytes: Vec<Vec<f64>> =
+        tokens.iter().map(|r| r.iter().map(|t| t * d * shape.act_bytes as f64).collect()).collect();
+    let transposed: Vec<Vec<f64>> =
+        (0..placement.gpus).map(|g| (0..load.ranks).map(|s| bytes[s][g]).collect()).collect();
+    let dispatch = all_to_all_time_s(&bytes, gpus, fabric, hierarchical);
+    let combine = all_to_all_time_s(&transposed, gpus, fabric, hierarchical);
+    let a2a_s = 2.0 * (dispatch + combine);
+    // Replica gradient sync: each GPU reduces the gradients of the replicated experts it holds.
+    let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
+    let slots = placement.expert_slots();
+    let mut sync = vec![0.0; placement.gpus];
+    for (e, s) in slots.iter().enumerate() {
+        if cnt[e] <= 1 {
+            continue;
+        }
+        let members: Vec<u32> = s.iter().map(|&x| gpus[placement.gpu_of_slot(x)]).collect();
+        let mut nodes: Vec<u32> = members.iter().map(|&x| fabric.node_of(x)).collect();
+        nodes.sort_unstable();
+        let per_node = max_run(&nodes);
+        let link = fabric.group_link(members.len() as u32, per_node);
+        let t = all_reduce_time_s(grad_bytes, cnt[e], link, fabric.collective_launch_s);
+        for &x in s {
+            sync[placement.gpu_of_slot(x)] += t;
+        }
+    }
+    let sync_s = sync.iter().copied().fold(0.0, f64::max);
+    let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
+    let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
+    Ok(MoeLayerTime {
+        compute_ms: compute_s * 1e3,
+        all_to_all_ms: a2a_s * 1e3,
+        replica_sync_ms: sync_s * 1e3,
+        total_ms: (compute_s + a2a_s + sync_s) * 1e3,
+        busiest_gpu,
+        gpu_tokens,
+        imbalance,
+    })
+}
+
+/// Longest run of equal values in a sorted slice.
+fn max_run(sorted: &[u32]) -> u32 {
+    let mut best = 0;
+    let mut run = 0;
+    for (i, v) in sorted.iter().enumerate() {
+        run = if i > 0 && sorted[i - 1] == *v { run + 1 } else { 1 };
+        best = best.max(run);
+    }
+    best
+}
+
+/// Expert-fetch (Janus) time of one MoE layer per iteration: every node fetches the weights of the experts it
+/// does not hold once (over its NICs) and shares them among its GPUs (over the intra-node fabric); backward
+/// pushes the gradients back the same way. `remote_experts_per_node` and `remote_experts_per_gpu` count experts
+/// held elsewhere.
+pub fn expert_fetch_time_s(
+    shape: &MoeLayerShape,
+    remote_experts_per_node: f64,
+    remote_experts_per_gpu: f64,
+    fabric: &Fabric,
+) -> f64 {
+    let w = shape.expert_params();
+    let inter =
+        remote_experts_per_node * w * (shape.param_bytes + shape.grad_bytes) as f64 / fabric.node_nic_bytes_per_s;
+    let intra_link = fabric.group_link(fabric.gpus_per_node, fabric.gpus_per_node).per_gpu_bytes_per_s;
+    let intra = remote_experts_per_gpu * w * (shape.param_bytes + shape.grad_bytes) as f64 / intra_link;
+    if remote_experts_per_gpu <= 0.0 {
+        return 0.0;
+    }
+    inter + intra + 2.0 * fabric.collective_launch_s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fabric() -> Fabric {
+        Fabric {
+            gpus_per_node: 2,
+            nodes: 1,
+            intra_bytes_per_s: 1e3,
+            intra_shared: false,
+            intra_latency_s: 0.0,
+            node_nic_bytes_per_s: 1e2,
+            inter_latency_s: 0.0,
+            hbm_bytes_per_s: 1e30,
+            collective_launch_s: 0.0,
+        }
+    }
+
+    fn exact_consts() -> ModelConstants {
+        ModelConstants {
+            gemm_max_efficiency: 1.0,
+            gemm_half_efficiency_rows: 0.0,
+            kernel_launch_us: 0.0,
+            per_expert_overhead_us: 0.0,
+            ..Default::default()
+        }
+    }
+
+    fn shape() -> MoeLayerShape {
+        MoeLayerShape {
+            d_model: 2,
+            d_ffn: 4,
+            gated: false,
+            act_bytes: 2,
+            param_bytes: 2,
+            grad_bytes: 4,
+            peak_flops: 1.0,
+        }
+    }
+
+    #[test]
+    fn busiest_gpu_sets_compute_by_hand() {
+        // 2 GPUs x 1 slot, experts 0 (GPU0) and 1 (GPU1). Rank 0 sends 3 tokens to e0 and 1 to e1; rank 1 sends
+        // 1 to e0 and 1 to e1. GPU0 processes 4 tokens, GPU1 2 tokens.
+        let load = LoadMatrix::from_rows(&[vec![3, 1], vec![1, 1]]).unwrap();
+        let p = Placement::new(2, 1, 2, vec![0, 1]).unwrap();
+        let t = moe_layer_exact(&shape(), &load, &p, &[0, 1], &fabric(), &exact_consts(), false).unwrap();
+        // FFN FLOPs per token: fwd 2*(2*4*2) = 32, bwd 64 -> 96 per token at 1 FLOP/s.
+        assert_eq!(t.busiest_gpu, 0);
+        assert!((t.compute_ms - 4.0 * 96.0 * 1e3).abs() < 1e-6, "{}", t.compute_ms);
+        // Dispatch: rank0 -> GPU1 1 token, rank1 -> GPU0 1 token: 1 token * 2 elems * 2 bytes = 4 bytes / 1e3.
+        // Combine the same; x2 for backward: 4 exchanges of 4e-3 s.
+        assert!((t.all_to_all_ms - 16e-3 * 1e3).abs() < 1e-9, "{}", t.all_to_all_ms);
+        assert_eq!(t.replica_sync_ms, 0.0);
+        assert!((t.imbalance - 4.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn replicas_split_tokens_and_pay_sync() {
+        // Expert 0 replicated on both GPUs; e1 on GPU1 only. 2 GPUs x 2 slots: [0, 0'] hmm: [e0, e1] [e0, e1]
+        let load = LoadMatrix::from_rows(&[vec![4, 0], vec![4, 2]]).unwrap();
+        let p = Placement::new(2, 2, 2, vec![0, 1, 0, 1]).unwrap();
+        let t = moe_layer_exact(&shape(), &load, &p, &[0, 1], &fabric(), &exact_consts(), false).unwrap();
+        assert_eq!(t.gpu_tokens, vec![5.0, 5.0]);
+        // Two replicated experts, each all-reduced over 2 GPUs: expert params 2*2*4 + 6 = 22, x4 bytes = 88;
+        // ring over 2: 2*(1/2)*88/1e3 = 0.088 s each, two per GPU.
+        assert!((t.replica_sync_ms - 2.0 * 88.0).abs() < 1e-9, "{}", t.replica_sync_ms);
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let load = LoadMatrix::from_rows(&[vec![1, 1]]).unwrap();
+        let p = Placement::new(2, 1, 2, vec![0, 1]).unwrap();
+        assert!(moe_layer_exact(&shape(), &load, &p, &[0, 1], &fabric(), &exact_consts(), false).is_err());
+    }
+
+    #[test]
+    fn expert_fetch_by_hand() {
+        // 3 remote experts per node and per GPU, 22 params * (2 + 4) bytes = 132 bytes each.
+        let t = expert_fetch_time_s(&shape(), 3.0, 3.0, &fabric());
+        assert!((t - (396.0 / 1e2 + 396.0 / 1e3)).abs() < 1e-12, "{t}");
+    }
+}
