@@ -186,6 +186,9 @@ impl MoeSpec {
     }
 }
 
+/// Largest model `validate` accepts: 2^50 (about 1.1e15) parameters.
+pub const MAX_PARAMS: f64 = (1u64 << 50) as f64;
+
 /// A transformer language model, dense or MoE.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,7 +237,8 @@ pub struct ParamCounts {
     pub experts: u64,
     /// Total.
     pub total: u64,
-    /// Parameters touched per token (embedding and head excluded): dense + top_k experts per MoE layer.
+    /// Parameters touched per token by the transformer layers: dense + top_k experts per MoE layer. Embedding and
+    /// output head are excluded (published "active" figures include them: add `embedding + lm_head`).
     pub active_per_token: u64,
 }
 
@@ -301,6 +305,32 @@ impl ModelSpec {
             total: embedding + lm_head + dense + experts,
             active_per_token: active,
         }
+    }
+
+    /// Total parameters computed in `f64` (no overflow whatever the sizes): the guard `validate` uses before
+    /// anything multiplies sizes in integers.
+    pub fn approx_total_params(&self) -> f64 {
+        let h = self.hidden_size as f64;
+        let attn = match self.attention {
+            AttentionSpec::Mha { num_heads, num_kv_heads, head_dim } => {
+                h * head_dim as f64 * (2.0 * num_heads as f64 + 2.0 * num_kv_heads as f64)
+            }
+            AttentionSpec::Mla { num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+                let n = num_heads as f64;
+                let qk = (qk_nope_head_dim + qk_rope_head_dim) as f64;
+                h * (q_lora_rank as f64 + n * qk)
+                    + q_lora_rank as f64 * n * qk
+                    + h * (kv_lora_rank + qk_rope_head_dim) as f64
+                    + kv_lora_rank as f64 * n * (qk_nope_head_dim + v_head_dim) as f64
+                    + n * v_head_dim as f64 * h
+            }
+        };
+        let ffn = 3.0 * h * self.ffn_hidden as f64;
+        let moe = self.moe.as_ref().map_or(0.0, |m| {
+            let shared = m.shared_expert_ffn_hidden.unwrap_or(m.expert_ffn_hidden) as f64 * m.num_shared_experts as f64;
+            3.0 * h * (m.expert_ffn_hidden as f64 * m.num_experts as f64 + shared) + h * m.num_experts as f64
+        });
+        self.num_layers as f64 * (attn + ffn + moe + 4.0 * h) + 2.0 * self.vocab_size as f64 * h
     }
 
     /// Tokens per iteration.
@@ -407,29 +437,26 @@ impl ModelSpec {
                 ));
             }
         }
-        // Products that must not overflow when the model multiplies sizes.
-        let big = self
-            .hidden_size
-            .checked_mul(self.ffn_hidden.max(self.vocab_size))
-            .and_then(|x| x.checked_mul(self.num_layers as u64 * 4));
-        if big.is_none() || self.hidden_size > 1 << 24 || self.seq_len > 1 << 26 || self.global_batch > 1 << 32 {
+        for (field, v) in [("seq_len", self.seq_len), ("global_batch", self.global_batch)] {
+            if v > 1 << 24 {
+                return Err(SpecError::invalid(
+                    source,
+                    field,
+                    v,
+                    "is larger than 16,777,216, beyond any real training run",
+                    "check the value (global_batch counts sequences, seq_len tokens)",
+                ));
+            }
+        }
+        // Every later count is a product of sizes: bound the total in floating point, where nothing overflows.
+        let total = self.approx_total_params();
+        if !total.is_finite() || total > MAX_PARAMS {
             return Err(SpecError::invalid(
                 source,
                 "hidden_size",
                 self.hidden_size,
-                "sizes are too large to be a real model (parameter counts overflow 64 bits)",
+                format!("the sizes give {total:.3e} parameters, more than any real model (limit {MAX_PARAMS:.0e})"),
                 "check the units: sizes are element counts, not bytes",
-            ));
-        }
-        if let Some(m) = &self.moe
-            && (m.expert_ffn_hidden > 1 << 24 || m.num_experts > 1 << 16)
-        {
-            return Err(SpecError::invalid(
-                source,
-                "moe.expert_ffn_hidden",
-                m.expert_ffn_hidden,
-                "too large to be a real model",
-                "check the units: sizes are element counts",
             ));
         }
         Ok(())
