@@ -247,7 +247,9 @@ impl ModelSpec {
     pub fn is_moe_layer(&self, l: u32) -> bool {
         match &self.moe {
             None => false,
-            Some(m) => l >= m.first_k_dense_layers && (l - m.first_k_dense_layers).is_multiple_of(m.moe_layer_frequency.max(1)),
+            Some(m) => {
+                l >= m.first_k_dense_layers && (l - m.first_k_dense_layers).is_multiple_of(m.moe_layer_frequency.max(1))
+            }
         }
     }
 
@@ -315,7 +317,14 @@ impl ModelSpec {
             AttentionSpec::Mha { num_heads, num_kv_heads, head_dim } => {
                 h * head_dim as f64 * (2.0 * num_heads as f64 + 2.0 * num_kv_heads as f64)
             }
-            AttentionSpec::Mla { num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+            AttentionSpec::Mla {
+                num_heads,
+                q_lora_rank,
+                kv_lora_rank,
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                v_head_dim,
+            } => {
                 let n = num_heads as f64;
                 let qk = (qk_nope_head_dim + qk_rope_head_dim) as f64;
                 h * (q_lora_rank as f64 + n * qk)

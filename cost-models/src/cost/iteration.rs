@@ -206,8 +206,7 @@ pub fn price_plan(
                 // Tokens stay: every GPU runs its own assignments through all the experts it needs.
                 let e = m.num_experts as f64;
                 let used = e.min(assignments).max(1.0) * load.active_slot_fraction.clamp(0.0, 1.0).max(1.0 / e);
-                let (f, b) =
-                    ffn_time_s(assignments / used, h, m.expert_ffn_hidden as f64, m.gated, act_b, dev, c);
+                let (f, b) = ffn_time_s(assignments / used, h, m.expert_ffn_hidden as f64, m.gated, act_b, dev, c);
                 let over = c.per_expert_overhead_us * 1e-6 * used;
                 (used * f + over, used * b + over, 0.0, 0.0)
             }
@@ -345,5 +344,112 @@ pub fn price_plan(
         tokens_per_s: model.tokens_per_iteration() as f64 / iter_s,
         memory,
         fits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Recompute;
+    use crate::presets;
+
+    fn setup() -> (ModelSpec, ClusterSpec, Fabric, ModelTables) {
+        let m = presets::model("gpt-moe-l8-h2048-e32").unwrap().unwrap();
+        let c = presets::cluster("smartmoe-a100").unwrap();
+        let f = Fabric::from_cluster(&c);
+        let t = ModelTables::new(&m);
+        (m, c, f, t)
+    }
+
+    fn plan() -> ParallelPlan {
+        ParallelPlan {
+            tp: 1,
+            pp: 2,
+            dp: 8,
+            ep: 8,
+            etp: 1,
+            edp: 1,
+            slots_per_gpu: 4,
+            micro_batch_size: 4,
+            num_micro_batches: 8,
+            recompute: Recompute::None,
+            distributed_optimizer: false,
+            all_to_all: AllToAllAlgo::Flat,
+            dispatch: DispatchMode::Token,
+        }
+    }
+
+    fn sum(b: &TimeBreakdown) -> f64 {
+        b.dense_compute_ms
+            + b.expert_compute_ms
+            + b.all_to_all_ms
+            + b.tp_comm_ms
+            + b.pp_p2p_ms
+            + b.pp_bubble_ms
+            + b.expert_fetch_ms
+            + b.dp_sync_ms
+            + b.edp_sync_ms
+            + b.replica_sync_ms
+            + b.optimizer_ms
+    }
+
+    #[test]
+    fn breakdown_adds_up_to_the_iteration() {
+        let (m, c, f, t) = setup();
+        for p in [plan(), ParallelPlan { pp: 1, dp: 16, edp: 2, num_micro_batches: 4, ..plan() }] {
+            p.check(&m, &c).unwrap();
+            let r = price_plan(&m, &t, &c, &f, &p, &MoeLoadProfile::BALANCED);
+            assert!((sum(&r.breakdown) - r.iter_ms).abs() < 1e-6 * r.iter_ms, "{} vs {}", sum(&r.breakdown), r.iter_ms);
+            assert!((r.tokens_per_s - 256.0 * 1024.0 / (r.iter_ms / 1e3)).abs() < 1e-6 * r.tokens_per_s);
+        }
+    }
+
+    #[test]
+    fn bubble_is_the_1f1b_share() {
+        let (m, c, f, t) = setup();
+        let r = price_plan(&m, &t, &c, &f, &plan(), &MoeLoadProfile::BALANCED);
+        let b = &r.breakdown;
+        let pipeline = sum(b) - b.dp_sync_ms - b.edp_sync_ms - b.replica_sync_ms - b.optimizer_ms - b.expert_fetch_ms;
+        // (pp - 1) / (m + pp - 1) = 1/9 of the pipeline.
+        assert!((b.pp_bubble_ms / pipeline - 1.0 / 9.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn imbalance_slows_experts_and_all_to_all_only() {
+        let (m, c, f, t) = setup();
+        let a = price_plan(&m, &t, &c, &f, &plan(), &MoeLoadProfile::BALANCED);
+        let skew = MoeLoadProfile { imbalance: 3.0, ..MoeLoadProfile::BALANCED };
+        let b = price_plan(&m, &t, &c, &f, &plan(), &skew);
+        assert!(b.breakdown.expert_compute_ms > 2.5 * a.breakdown.expert_compute_ms);
+        assert!(b.breakdown.all_to_all_ms > a.breakdown.all_to_all_ms);
+        assert_eq!(a.breakdown.dense_compute_ms, b.breakdown.dense_compute_ms);
+        assert_eq!(a.breakdown.dp_sync_ms, b.breakdown.dp_sync_ms);
+    }
+
+    #[test]
+    fn expert_compute_matches_the_ffn_flops_when_ideal() {
+        // With an ideal GEMM (no efficiency loss, no launches), the expert compute of one iteration is the
+        // FLOPs of the busiest GPU's routed tokens over the peak: 3 passes x 2 x tokens x (2 d h) per token.
+        let (m, mut c, _, t) = setup();
+        c.constants = crate::ModelConstants {
+            gemm_max_efficiency: 1.0,
+            gemm_half_efficiency_rows: 0.0,
+            kernel_launch_us: 0.0,
+            per_expert_overhead_us: 0.0,
+            hbm_efficiency: 1.0,
+            ..Default::default()
+        };
+        c.gpu.hbm_gbyte_s = 1e12; // activations free
+        let f = Fabric::from_cluster(&c);
+        let p = ParallelPlan { pp: 1, dp: 16, ep: 16, slots_per_gpu: 2, num_micro_batches: 4, ..plan() };
+        let r = price_plan(&m, &t, &c, &f, &p, &MoeLoadProfile::BALANCED);
+        let tokens_per_gpu = 4.0 * 1024.0 * 2.0 * 4.0; // mbs x seq x top-2 x micro-batches
+        let flops = 3.0 * 2.0 * tokens_per_gpu * 2.0 * 2048.0 * 4096.0 * 8.0; // 8 MoE layers
+        let expect_ms = flops / 312e12 * 1e3;
+        assert!(
+            (r.breakdown.expert_compute_ms - expect_ms).abs() < 1e-3 * expect_ms,
+            "{} vs {expect_ms}",
+            r.breakdown.expert_compute_ms
+        );
     }
 }
