@@ -1,1 +1,13 @@
-//! switchyard-planner
+//! switchyard-planner: the plan space and its search, the pool of the best plan, placement algorithms,
+//! routing traces, and exports of a plan to training frameworks.
+
+pub mod export;
+pub mod placement;
+pub mod pool;
+pub mod profile;
+pub mod search;
+pub mod space;
+pub mod trace;
+
+pub use search::{RankedPlan, SearchOptions, SearchResult, search};
+pub use space::SpaceOptions;

@@ -79,16 +79,11 @@ pub fn all_to_all_time_s(bytes: &[Vec<f64>], gpus: &[u32], fabric: &Fabric, hier
         max_peers_intra = max_peers_intra.max(pi);
         max_peers_inter = max_peers_inter.max(pe);
     }
-    let intra_bw = |n: usize| {
-        if fabric.intra_shared {
-            (fabric.intra_bytes_per_s * 2.0 / gpus_on_node[n].max(1) as f64).min(fabric.intra_bytes_per_s)
-        } else {
-            fabric.intra_bytes_per_s
-        }
-    };
+    let intra_bw = |n: usize| fabric.intra_link(gpus_on_node[n]).per_gpu_bytes_per_s;
     let intra = (0..g).map(|i| intra_send[i].max(intra_recv[i]) / intra_bw(nidx(node(i)))).fold(0.0, f64::max);
-    let inter =
-        (0..nodes.len()).map(|n| inter_send[n].max(inter_recv[n]) / fabric.node_nic_bytes_per_s).fold(0.0, f64::max);
+    let inter = (0..nodes.len())
+        .map(|n| inter_send[n].max(inter_recv[n]) / fabric.node_inter_bytes_per_s(gpus_on_node[n]))
+        .fold(0.0, f64::max);
     let latency = if hierarchical {
         let k = gpus_on_node.iter().copied().max().unwrap_or(1) as f64;
         let remote_nodes = (nodes.len() as f64 - 1.0).max(0.0);
@@ -128,9 +123,10 @@ pub fn uniform_all_to_all_time_s(
     let local_frac = (per_node as f64 - 1.0) / n;
     let remote_frac = (n - per_node as f64) / n;
     let vol = send_bytes.max(recv_bytes);
-    let intra_link = fabric.group_link(per_node, per_node).per_gpu_bytes_per_s;
+    let intra_link = fabric.intra_link(per_node).per_gpu_bytes_per_s;
     let mut intra = vol * local_frac / intra_link;
-    let inter = if nodes > 1.0 { vol * remote_frac * per_node as f64 / fabric.node_nic_bytes_per_s } else { 0.0 };
+    let inter =
+        if nodes > 1.0 { vol * remote_frac * per_node as f64 / fabric.node_inter_bytes_per_s(per_node) } else { 0.0 };
     if hierarchical && nodes > 1.0 {
         intra += vol * remote_frac / intra_link;
         let lat = (per_node as f64 - 1.0) * 2.0 * fabric.intra_latency_s + (nodes - 1.0) * fabric.inter_latency_s;
@@ -146,17 +142,7 @@ mod tests {
     use super::*;
 
     fn fabric() -> Fabric {
-        Fabric {
-            gpus_per_node: 2,
-            nodes: 2,
-            intra_bytes_per_s: 100.0,
-            intra_shared: false,
-            intra_latency_s: 1.0,
-            node_nic_bytes_per_s: 10.0,
-            inter_latency_s: 5.0,
-            hbm_bytes_per_s: 1000.0,
-            collective_launch_s: 0.5,
-        }
+        Fabric::switched(2, 2, 100.0, 1.0, 10.0, 5.0, 1000.0, 0.5)
     }
 
     #[test]

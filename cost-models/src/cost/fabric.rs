@@ -1,9 +1,11 @@
-//! Effective link figures the cost terms use: per-GPU bandwidth and latency of each link class, after the
-//! efficiency constants. Built from the cluster's topology graph, the single source of truth for links.
+//! Effective link figures the cost terms use: per-GPU bandwidth and latency of a collective among `m` GPUs of a
+//! node, within the node or across nodes, after the efficiency constants. Read off the cluster's topology graph
+//! (the single source of truth for links) once, into tables indexed by `m`, so that pricing a plan costs O(1)
+//! per collective.
 
 use serde::Serialize;
 
-use crate::cluster::{ClusterSpec, IntraNodeKind};
+use crate::cluster::ClusterSpec;
 use crate::topology::Topology;
 
 /// Bandwidth and latency one GPU sees in a collective over some group.
@@ -22,15 +24,14 @@ pub struct Fabric {
     pub gpus_per_node: u32,
     /// Nodes.
     pub nodes: u32,
-    /// Per-GPU, per-direction bandwidth to another GPU of the same node, after efficiency.
-    pub intra_bytes_per_s: f64,
-    /// The intra-node fabric is one shared switch (PCIe): concurrent transfers of a node's GPUs share
-    /// `intra_bytes_per_s` x 2 (the host bridge carries both halves of the node).
-    pub intra_shared: bool,
+    /// `intra[m - 1]`: per GPU, a collective among `m` GPUs of one node (NVSwitch: the port; NVLink mesh: the
+    /// `m - 1` links in use; PCIe: a share of the host switch).
+    intra: Vec<LinkInfo>,
+    /// `inter[m - 1]`: per GPU, a collective of a group with `m` GPUs on each of several nodes (its share of the
+    /// NICs it is attached to, and no more than the intra-node figure).
+    inter: Vec<LinkInfo>,
     /// Latency of a message within a node, seconds.
     pub intra_latency_s: f64,
-    /// Bytes per second a node can send to other nodes (all NICs), after efficiency.
-    pub node_nic_bytes_per_s: f64,
     /// Latency of a message between nodes, seconds.
     pub inter_latency_s: f64,
     /// Memory bandwidth of one GPU for memory-bound kernels, after efficiency.
@@ -40,64 +41,143 @@ pub struct Fabric {
 }
 
 impl Fabric {
-    /// Builds the link classes from the cluster's topology graph.
+    /// Reads the link tables off the cluster's topology graph.
     pub fn from_topology(cluster: &ClusterSpec, topo: &Topology) -> Fabric {
         let c = &cluster.constants;
         let k = cluster.gpus_per_node;
-        let (intra_bytes_per_s, intra_latency_s) = if k > 1 {
-            let p = topo.path(0, 1);
-            (p.bottleneck_bytes_per_s, p.latency_us * 1e-6)
-        } else {
-            (
-                cluster.intra_node.bandwidth_gbyte_s * 1e9 * c.intra_bandwidth_efficiency,
-                cluster.intra_node.latency_us * 1e-6,
-            )
-        };
-        let (node_nic_bytes_per_s, inter_latency_s) = if cluster.nodes > 1 {
-            let p = topo.path(0, k);
-            (topo.node_nic_bytes_per_s(), p.latency_us * 1e-6)
-        } else {
-            (cluster.inter_node.node_bytes_per_s() * c.inter_bandwidth_efficiency, cluster.inter_node.latency_us * 1e-6)
-        };
+        let mut intra = Vec::with_capacity(k as usize);
+        let mut inter = Vec::with_capacity(k as usize);
+        for m in 1..=k {
+            let one: Vec<u32> = (0..m).collect();
+            let g = topo.group_bandwidth(&one);
+            intra.push(LinkInfo { per_gpu_bytes_per_s: g.per_gpu_bytes_per_s, latency_s: g.latency_us * 1e-6 });
+            if cluster.nodes > 1 {
+                let two: Vec<u32> = (0..m).chain(k..k + m).collect();
+                let g = topo.group_bandwidth(&two);
+                inter.push(LinkInfo { per_gpu_bytes_per_s: g.per_gpu_bytes_per_s, latency_s: g.latency_us * 1e-6 });
+            }
+        }
+        let intra_latency_s = if k > 1 { topo.pair_latency_us(0, 1) * 1e-6 } else { 0.0 };
+        let inter_latency_s = if cluster.nodes > 1 { topo.pair_latency_us(0, k) * 1e-6 } else { intra_latency_s };
         Fabric {
             gpus_per_node: k,
             nodes: cluster.nodes,
-            intra_bytes_per_s,
-            intra_shared: cluster.intra_node.kind == IntraNodeKind::Pcie,
+            intra,
+            inter,
             intra_latency_s,
-            node_nic_bytes_per_s,
             inter_latency_s,
             hbm_bytes_per_s: cluster.gpu.hbm_gbyte_s * 1e9 * c.hbm_efficiency,
             collective_launch_s: c.collective_launch_us * 1e-6,
         }
     }
 
-    /// Builds the topology graph and then the link classes.
+    /// Builds the topology graph and then the link tables.
     pub fn from_cluster(cluster: &ClusterSpec) -> Fabric {
         Fabric::from_topology(cluster, &Topology::from_cluster(cluster))
     }
 
-    /// Per-GPU bandwidth and latency of a ring collective over a group of `size` GPUs of which at most
-    /// `per_node` sit on one node (groups are laid out in contiguous blocks, so the group spans
-    /// `ceil(size / per_node)` nodes). Across nodes each GPU gets its share of the node's NICs.
+    /// A fabric with a non-blocking switch in each node (`intra_bytes_per_s` per GPU) and `node_nic_bytes_per_s`
+    /// shared by the GPUs of a node: the shape of hand calculations in tests and examples.
+    #[allow(clippy::too_many_arguments)]
+    pub fn switched(
+        gpus_per_node: u32,
+        nodes: u32,
+        intra_bytes_per_s: f64,
+        intra_latency_s: f64,
+        node_nic_bytes_per_s: f64,
+        inter_latency_s: f64,
+        hbm_bytes_per_s: f64,
+        collective_launch_s: f64,
+    ) -> Fabric {
+        let intra = (1..=gpus_per_node)
+            .map(|_| LinkInfo { per_gpu_bytes_per_s: intra_bytes_per_s, latency_s: intra_latency_s })
+            .collect();
+        let inter = if nodes > 1 {
+            (1..=gpus_per_node)
+                .map(|m| LinkInfo {
+                    per_gpu_bytes_per_s: (node_nic_bytes_per_s / m as f64).min(intra_bytes_per_s),
+                    latency_s: inter_latency_s,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Fabric {
+            gpus_per_node,
+            nodes,
+            intra,
+            inter,
+            intra_latency_s,
+            inter_latency_s,
+            hbm_bytes_per_s,
+            collective_launch_s,
+        }
+    }
+
+    fn index(&self, m: u32) -> usize {
+        (m.clamp(1, self.gpus_per_node.max(1)) - 1) as usize
+    }
+
+    /// Per-GPU link of a collective among `m` GPUs of one node.
+    pub fn intra_link(&self, m: u32) -> LinkInfo {
+        self.intra[self.index(m)]
+    }
+
+    /// Per-GPU link of a collective of a group with `m` GPUs on each of several nodes; the intra-node link on a
+    /// single-node cluster.
+    pub fn inter_link(&self, m: u32) -> LinkInfo {
+        if self.inter.is_empty() { self.intra_link(m) } else { self.inter[self.index(m)] }
+    }
+
+    /// Bytes per second that `m` GPUs of one node can send to other nodes together.
+    pub fn node_inter_bytes_per_s(&self, m: u32) -> f64 {
+        self.inter_link(m).per_gpu_bytes_per_s * m.clamp(1, self.gpus_per_node.max(1)) as f64
+    }
+
+    /// Per-GPU bandwidth and latency of a ring collective over a group of `size` GPUs of which `per_node` sit on
+    /// each node (groups are laid out in contiguous blocks, so the group spans `ceil(size / per_node)` nodes).
     pub fn group_link(&self, size: u32, per_node: u32) -> LinkInfo {
         let per_node = per_node.clamp(1, size.max(1));
-        let intra = if self.intra_shared {
-            // A shared PCIe switch carries the whole node's traffic: each GPU gets a share.
-            (self.intra_bytes_per_s * 2.0 / per_node as f64).min(self.intra_bytes_per_s)
-        } else {
-            self.intra_bytes_per_s
-        };
-        if size <= per_node || self.nodes <= 1 {
-            LinkInfo { per_gpu_bytes_per_s: intra, latency_s: self.intra_latency_s }
-        } else {
-            let nic = self.node_nic_bytes_per_s / per_node as f64;
-            LinkInfo { per_gpu_bytes_per_s: nic.min(intra), latency_s: self.inter_latency_s }
-        }
+        if size <= per_node || self.nodes <= 1 { self.intra_link(per_node) } else { self.inter_link(per_node) }
     }
 
     /// Node of a GPU given the GPU's global index.
     pub fn node_of(&self, gpu: u32) -> u32 {
-        gpu / self.gpus_per_node
+        gpu / self.gpus_per_node.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    #[test]
+    fn a100_nodes_share_one_nic() {
+        let c = presets::cluster("smartmoe-a100").unwrap();
+        let f = Fabric::from_cluster(&c);
+        let k = &c.constants;
+        assert!((f.intra_link(8).per_gpu_bytes_per_s - 300e9 * k.intra_bandwidth_efficiency).abs() < 1.0);
+        assert!((f.group_link(16, 8).per_gpu_bytes_per_s - 25e9 * k.inter_bandwidth_efficiency / 8.0).abs() < 1.0);
+        assert!((f.node_inter_bytes_per_s(8) - 25e9 * k.inter_bandwidth_efficiency).abs() < 1.0);
+        assert!((f.inter_latency_s - 5e-6).abs() < 1e-12 && (f.intra_latency_s - 3e-6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn h100_gpus_have_their_own_nic() {
+        let c = presets::cluster("dgx-h100").unwrap().with_gpus(16, &crate::Source::Inline).unwrap();
+        let f = Fabric::from_cluster(&c);
+        let eff = c.constants.inter_bandwidth_efficiency;
+        assert!((f.group_link(16, 8).per_gpu_bytes_per_s - 50e9 * eff).abs() < 1.0);
+        assert!((f.group_link(4, 2).per_gpu_bytes_per_s - 50e9 * eff).abs() < 1.0);
+    }
+
+    #[test]
+    fn pcie_switch_is_shared() {
+        let c = presets::cluster("smartmoe-v100-pcie").unwrap();
+        let f = Fabric::from_cluster(&c);
+        let eff = c.constants.intra_bandwidth_efficiency;
+        assert!((f.intra_link(8).per_gpu_bytes_per_s - 16e9 * eff / 8.0).abs() < 1.0);
+        assert!(f.intra_link(2).per_gpu_bytes_per_s > f.intra_link(8).per_gpu_bytes_per_s);
     }
 }

@@ -184,9 +184,9 @@ pub fn expert_fetch_time_s(
     fabric: &Fabric,
 ) -> f64 {
     let w = shape.expert_params();
-    let inter =
-        remote_experts_per_node * w * (shape.param_bytes + shape.grad_bytes) as f64 / fabric.node_nic_bytes_per_s;
-    let intra_link = fabric.group_link(fabric.gpus_per_node, fabric.gpus_per_node).per_gpu_bytes_per_s;
+    let inter = remote_experts_per_node * w * (shape.param_bytes + shape.grad_bytes) as f64
+        / fabric.node_inter_bytes_per_s(fabric.gpus_per_node);
+    let intra_link = fabric.intra_link(fabric.gpus_per_node).per_gpu_bytes_per_s;
     let intra = remote_experts_per_gpu * w * (shape.param_bytes + shape.grad_bytes) as f64 / intra_link;
     if remote_experts_per_gpu <= 0.0 {
         return 0.0;
@@ -199,17 +199,7 @@ mod tests {
     use super::*;
 
     fn fabric() -> Fabric {
-        Fabric {
-            gpus_per_node: 2,
-            nodes: 1,
-            intra_bytes_per_s: 1e3,
-            intra_shared: false,
-            intra_latency_s: 0.0,
-            node_nic_bytes_per_s: 1e2,
-            inter_latency_s: 0.0,
-            hbm_bytes_per_s: 1e30,
-            collective_launch_s: 0.0,
-        }
+        Fabric::switched(2, 2, 1e3, 0.0, 1e2, 0.0, 1e30, 0.0)
     }
 
     fn exact_consts() -> ModelConstants {

@@ -1,0 +1,40 @@
+//! The command line: one module per subcommand; no logic that belongs in a crate.
+
+mod bench;
+mod plan;
+mod presets;
+mod progress;
+mod specs;
+
+use clap::{Parser, Subcommand};
+
+/// Plans and re-plans the parallel layout of Mixture-of-Experts training on GPU clusters.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Rank every hybrid-parallel layout of a model on a cluster and build the pool of the best.
+    Plan(plan::PlanArgs),
+    /// List the built-in models and clusters.
+    Presets(presets::PresetsArgs),
+    /// Show the link classes of a cluster's topology graph.
+    Topology(presets::TopologyArgs),
+    /// Benchmarks of Switchyard's own components.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan(a) => plan::run(a),
+        Command::Presets(a) => presets::run(a),
+        Command::Topology(a) => presets::run_topology(a),
+        Command::Bench(b) => bench::run(b),
+    }
+}
