@@ -1,6 +1,7 @@
 //! `switchyard`: plans and re-plans the parallel layout of Mixture-of-Experts training.
 
 mod cli;
+mod plot;
 
 use std::process::ExitCode;
 

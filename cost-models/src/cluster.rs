@@ -104,6 +104,9 @@ pub struct ModelConstants {
     pub inter_bandwidth_efficiency: f64,
     /// Fixed cost of one collective call (synchronisation, launch).
     pub collective_launch_us: f64,
+    /// Fixed cost of one MoE layer pass (forward or backward) beyond its GEMMs and transfers: gate, count
+    /// exchange, permutation kernels' launches and synchronisation.
+    pub moe_layer_overhead_us: f64,
     /// Fraction of memory-bound elementwise work's bandwidth reached (GELU, softmax, norms) against HBM peak.
     pub hbm_efficiency: f64,
     /// Memory the framework keeps outside the model (CUDA context, allocator slack), per GPU.
@@ -120,6 +123,7 @@ impl Default for ModelConstants {
             intra_bandwidth_efficiency: 0.80,
             inter_bandwidth_efficiency: 0.85,
             collective_launch_us: 15.0,
+            moe_layer_overhead_us: 100.0,
             hbm_efficiency: 0.75,
             reserved_memory_gib: 2.0,
         }
@@ -300,6 +304,7 @@ impl ClusterSpec {
         frac("constants.intra_bandwidth_efficiency", c.intra_bandwidth_efficiency)?;
         frac("constants.inter_bandwidth_efficiency", c.inter_bandwidth_efficiency)?;
         nonneg("constants.collective_launch_us", c.collective_launch_us)?;
+        nonneg("constants.moe_layer_overhead_us", c.moe_layer_overhead_us)?;
         frac("constants.hbm_efficiency", c.hbm_efficiency)?;
         nonneg("constants.reserved_memory_gib", c.reserved_memory_gib)?;
         if c.reserved_memory_gib >= self.gpu.memory_gib {

@@ -5,6 +5,7 @@
 // on the error path.
 #![allow(clippy::result_large_err)]
 
+pub mod calibrate;
 pub mod cluster;
 pub mod cost;
 pub mod error;

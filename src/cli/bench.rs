@@ -94,7 +94,9 @@ fn planner(a: PlannerBenchArgs) -> Result<()> {
             })
             .collect();
         let (med, min, max) = median(times);
-        runs.push(json!({"threads": threads, "first_run_ms": first_ms, "median_ms": med, "min_ms": min, "max_ms": max}));
+        runs.push(
+            json!({"threads": threads, "first_run_ms": first_ms, "median_ms": med, "min_ms": min, "max_ms": max}),
+        );
         result = Some((r, med));
         if max_threads == 1 {
             break;

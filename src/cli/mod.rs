@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; no logic that belongs in a crate.
 
 mod bench;
+mod calibrate;
 mod plan;
 mod presets;
 mod progress;
@@ -22,6 +23,10 @@ enum Command {
     Plan(plan::PlanArgs),
     /// List the built-in models and clusters.
     Presets(presets::PresetsArgs),
+    /// Fit the performance model's constants to measured MoE layer times; write a calibrated profile.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Check a calibrated profile against measurements: MAPE, Pearson r and a scatter plot.
+    Validate(calibrate::ValidateArgs),
     /// Show the link classes of a cluster's topology graph.
     Topology(presets::TopologyArgs),
     /// Benchmarks of Switchyard's own components.
@@ -35,6 +40,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => plan::run(a),
         Command::Presets(a) => presets::run(a),
         Command::Topology(a) => presets::run_topology(a),
+        Command::Calibrate(a) => calibrate::run_calibrate(a),
+        Command::Validate(a) => calibrate::run_validate(a),
         Command::Bench(b) => bench::run(b),
     }
 }

@@ -32,7 +32,7 @@ pub fn load_model(arg: &str) -> Result<ModelSpec> {
     Ok(model)
 }
 
-/// A cluster by preset name or file, optionally resized to `gpus`.
+/// A cluster by preset name, cluster spec file or calibrated profile, optionally resized to `gpus`.
 pub fn load_cluster(arg: &str, gpus: Option<u32>) -> Result<ClusterSpec> {
     let (cluster, source) = match presets::cluster(arg) {
         Some(c) => (c, Source::Preset(arg.to_string())),
@@ -46,7 +46,15 @@ pub fn load_cluster(arg: &str, gpus: Option<u32>) -> Result<ClusterSpec> {
             }
             let source = Source::File(arg.to_string());
             let text = std::fs::read_to_string(path).with_context(|| format!("{arg}: cannot read"))?;
-            let c: ClusterSpec = parse_json_str(&text, &source, "cluster spec")?;
+            let value: serde_json::Value = parse_json_str(&text, &source, "cluster spec")?;
+            // A calibrated profile carries its cluster with the fitted constants.
+            let c: ClusterSpec = if value.get("profile_version").is_some() {
+                let p: switchyard_cost::calibrate::CalibratedProfile =
+                    parse_json_str(&text, &source, "calibrated profile")?;
+                p.cluster
+            } else {
+                parse_json_str(&text, &source, "cluster spec")?
+            };
             (c, source)
         }
     };

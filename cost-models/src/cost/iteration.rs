@@ -200,7 +200,8 @@ pub fn price_plan(
                         etp_link,
                         launch,
                     );
-                (active * f + over, active * b + over, 4.0 * a, etp)
+                let fixed = c.moe_layer_overhead_us * 1e-6;
+                (active * f + over + fixed, active * b + over + fixed, 4.0 * a, etp)
             }
             DispatchMode::ExpertFetch => {
                 // Tokens stay: every GPU runs its own assignments through all the experts it needs.
@@ -208,7 +209,8 @@ pub fn price_plan(
                 let used = e.min(assignments).max(1.0) * load.active_slot_fraction.clamp(0.0, 1.0).max(1.0 / e);
                 let (f, b) = ffn_time_s(assignments / used, h, m.expert_ffn_hidden as f64, m.gated, act_b, dev, c);
                 let over = c.per_expert_overhead_us * 1e-6 * used;
-                (used * f + over, used * b + over, 0.0, 0.0)
+                let fixed = c.moe_layer_overhead_us * 1e-6;
+                (used * f + over + fixed, used * b + over + fixed, 0.0, 0.0)
             }
         };
         // Per-iteration terms of one MoE layer.
@@ -436,6 +438,7 @@ mod tests {
             gemm_half_efficiency_rows: 0.0,
             kernel_launch_us: 0.0,
             per_expert_overhead_us: 0.0,
+            moe_layer_overhead_us: 0.0,
             hbm_efficiency: 1.0,
             ..Default::default()
         };

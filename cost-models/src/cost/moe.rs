@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::comm::{all_reduce_time_s, all_to_all_time_s};
-use super::compute::{DeviceRates, ffn_time_s};
+use super::compute::{DeviceRates, elementwise_time_s, ffn_time_s};
 use super::fabric::Fabric;
 use crate::cluster::ModelConstants;
 use crate::placement::Placement;
@@ -48,6 +48,8 @@ pub struct MoeLayerTime {
     pub all_to_all_ms: f64,
     /// Gradient all-reduce among the replicas of replicated experts (the slowest GPU's share).
     pub replica_sync_ms: f64,
+    /// Fixed per-pass cost of the layer (gate, count exchange, launches), forward + backward.
+    pub overhead_ms: f64,
     /// Sum of the terms.
     pub total_ms: f64,
     /// Index (within the group) of the busiest GPU.
@@ -119,6 +121,12 @@ pub fn moe_layer_exact(
         gpu_time[g] += f + b + 2.0 * c.per_expert_overhead_us * 1e-6;
         gpu_tokens[g] += tokens;
     }
+    // Local permutation on each source GPU: gather its tokens into per-expert buffers and scatter the results
+    // back (read + write, dispatch + combine, forward + backward), memory-bound.
+    for (s, t) in gpu_time.iter_mut().enumerate().take(load.ranks) {
+        let own: f64 = load.row(s).iter().map(|&x| x as f64).sum();
+        *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
+    }
     let (busiest_gpu, compute_s) =
         gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
     // Dispatch bytes s -> g and the combine's reverse; backward repeats both.
@@ -149,13 +157,15 @@ pub fn moe_layer_exact(
         }
     }
     let sync_s = sync.iter().copied().fold(0.0, f64::max);
+    let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
     let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
     let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
     Ok(MoeLayerTime {
         compute_ms: compute_s * 1e3,
         all_to_all_ms: a2a_s * 1e3,
         replica_sync_ms: sync_s * 1e3,
-        total_ms: (compute_s + a2a_s + sync_s) * 1e3,
+        overhead_ms: overhead_s * 1e3,
+        total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
         busiest_gpu,
         gpu_tokens,
         imbalance,
@@ -208,6 +218,7 @@ mod tests {
             gemm_half_efficiency_rows: 0.0,
             kernel_launch_us: 0.0,
             per_expert_overhead_us: 0.0,
+            moe_layer_overhead_us: 0.0,
             ..Default::default()
         }
     }
@@ -265,5 +276,21 @@ mod tests {
         // 3 remote experts per node and per GPU, 22 params * (2 + 4) bytes = 132 bytes each.
         let t = expert_fetch_time_s(&shape(), 3.0, 3.0, &fabric());
         assert!((t - (396.0 / 1e2 + 396.0 / 1e3)).abs() < 1e-12, "{t}");
+    }
+
+    #[test]
+    fn fixed_overhead_and_permutation_by_hand() {
+        // One GPU, one expert, 10 tokens: compute 10 x 96 FLOPs at 1 FLOP/s; activations 10 x 4 x 2 elements x
+        // 2 bytes = 160 B forward and 240 B backward; permutation 10 tokens x 2 elements x 2 bytes x 8 = 320 B;
+        // memory at 1e3 B/s; fixed overhead 2 x 50 us.
+        let load = LoadMatrix::from_rows(&[vec![10]]).unwrap();
+        let p = Placement::new(1, 1, 1, vec![0]).unwrap();
+        let f = Fabric::switched(1, 1, 1e3, 0.0, 0.0, 0.0, 1e3, 0.0);
+        let c = ModelConstants { moe_layer_overhead_us: 50.0, ..exact_consts() };
+        let t = moe_layer_exact(&shape(), &load, &p, &[0], &f, &c, false).unwrap();
+        let expect_s = 960.0 + 0.4 + 0.32;
+        assert!((t.compute_ms - expect_s * 1e3).abs() < 1e-6, "{}", t.compute_ms);
+        assert!((t.overhead_ms - 0.1).abs() < 1e-12);
+        assert!((t.total_ms - (t.compute_ms + 0.1)).abs() < 1e-9);
     }
 }
