@@ -2,10 +2,12 @@
 //! routing traces, and exports of a plan to training frameworks.
 
 pub mod export;
+pub mod online;
 pub mod placement;
 pub mod pool;
 pub mod profile;
 pub mod search;
+pub mod simulate;
 pub mod space;
 pub mod trace;
 

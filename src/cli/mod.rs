@@ -5,6 +5,7 @@ mod calibrate;
 mod plan;
 mod presets;
 mod progress;
+mod simulate;
 mod specs;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Check a calibrated profile against measurements: MAPE, Pearson r and a scatter plot.
     Validate(calibrate::ValidateArgs),
+    /// Replay a routing trace under a placement policy and a re-planning frequency.
+    Simulate(simulate::SimulateArgs),
     /// Show the link classes of a cluster's topology graph.
     Topology(presets::TopologyArgs),
     /// Benchmarks of Switchyard's own components.
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Presets(a) => presets::run(a),
         Command::Topology(a) => presets::run_topology(a),
         Command::Calibrate(a) => calibrate::run_calibrate(a),
+        Command::Simulate(a) => simulate::run(a),
         Command::Validate(a) => calibrate::run_validate(a),
         Command::Bench(b) => bench::run(b),
     }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::comm::{all_reduce_time_s, all_to_all_time_s};
+use super::comm::all_to_all_time_s;
 use super::compute::{DeviceRates, elementwise_time_s, ffn_time_s};
 use super::fabric::Fabric;
 use crate::cluster::ModelConstants;
@@ -56,6 +56,8 @@ pub struct MoeLayerTime {
     pub busiest_gpu: usize,
     /// Tokens each GPU's slots process.
     pub gpu_tokens: Vec<f64>,
+    /// Compute time of each GPU (forward + backward), ms.
+    pub gpu_compute_ms: Vec<f64>,
     /// Busiest GPU's tokens over the mean.
     pub imbalance: f64,
 }
@@ -138,25 +140,21 @@ pub fn moe_layer_exact(
     let dispatch = all_to_all_time_s(&bytes, gpus, fabric, hierarchical);
     let combine = all_to_all_time_s(&transposed, gpus, fabric, hierarchical);
     let a2a_s = 2.0 * (dispatch + combine);
-    // Replica gradient sync: each GPU reduces the gradients of the replicated experts it holds.
+    // Replica gradient sync: one ring all-reduce per replicated expert, all running together. Each holder
+    // sends 2 (r-1)/r of the gradient over its link; a ring that spans k nodes crosses each of them once in and
+    // once out, so each spanned node's NICs carry 2 (r-1)/r of the gradient per such expert.
     let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
     let slots = placement.expert_slots();
-    let mut sync = vec![0.0; placement.gpus];
+    let mut replica_sets: Vec<Vec<u32>> = Vec::new();
     for (e, s) in slots.iter().enumerate() {
-        if cnt[e] <= 1 {
-            continue;
-        }
-        let members: Vec<u32> = s.iter().map(|&x| gpus[placement.gpu_of_slot(x)]).collect();
-        let mut nodes: Vec<u32> = members.iter().map(|&x| fabric.node_of(x)).collect();
-        nodes.sort_unstable();
-        let per_node = max_run(&nodes);
-        let link = fabric.group_link(members.len() as u32, per_node);
-        let t = all_reduce_time_s(grad_bytes, cnt[e], link, fabric.collective_launch_s);
-        for &x in s {
-            sync[placement.gpu_of_slot(x)] += t;
+        if cnt[e] > 1 {
+            let mut members: Vec<u32> = s.iter().map(|&x| gpus[placement.gpu_of_slot(x)]).collect();
+            members.sort_unstable();
+            members.dedup();
+            replica_sets.push(members);
         }
     }
-    let sync_s = sync.iter().copied().fold(0.0, f64::max);
+    let sync_s = replica_sync_time_s(&replica_sets, grad_bytes, fabric);
     let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
     let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
     let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
@@ -168,19 +166,64 @@ pub fn moe_layer_exact(
         total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
         busiest_gpu,
         gpu_tokens,
+        gpu_compute_ms: gpu_time.iter().map(|t| t * 1e3).collect(),
         imbalance,
     })
 }
 
-/// Longest run of equal values in a sorted slice.
-fn max_run(sorted: &[u32]) -> u32 {
-    let mut best = 0;
-    let mut run = 0;
-    for (i, v) in sorted.iter().enumerate() {
-        run = if i > 0 && sorted[i - 1] == *v { run + 1 } else { 1 };
-        best = best.max(run);
+/// Time of the concurrent ring all-reduces that synchronise replicated experts: `sets[i]` are the GPUs (global
+/// indices) holding expert i's replicas, each reducing `bytes` of gradient. The busiest GPU link and the busiest
+/// node's NICs bound it; the ring's latency adds once per step of the longest ring.
+pub fn replica_sync_time_s(sets: &[Vec<u32>], bytes: f64, fabric: &Fabric) -> f64 {
+    if sets.is_empty() || bytes <= 0.0 {
+        return 0.0;
     }
-    best
+    let mut gpu_bytes: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    let mut node_bytes: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    let mut node_gpus: std::collections::HashMap<u32, std::collections::BTreeSet<u32>> =
+        std::collections::HashMap::new();
+    let mut longest = 0usize;
+    let mut crosses = false;
+    for set in sets {
+        let r = set.len();
+        if r < 2 {
+            continue;
+        }
+        longest = longest.max(r);
+        let share = 2.0 * (r as f64 - 1.0) / r as f64 * bytes;
+        for &g in set {
+            *gpu_bytes.entry(g).or_default() += share;
+            node_gpus.entry(fabric.node_of(g)).or_default().insert(g);
+        }
+        let mut nodes: Vec<u32> = set.iter().map(|&g| fabric.node_of(g)).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if nodes.len() > 1 {
+            crosses = true;
+            for n in nodes {
+                *node_bytes.entry(n).or_default() += share;
+            }
+        }
+    }
+    if longest < 2 {
+        return 0.0;
+    }
+    let intra = gpu_bytes
+        .iter()
+        .map(|(g, b)| {
+            let m = node_gpus.get(&fabric.node_of(*g)).map_or(1, |s| s.len() as u32);
+            b / fabric.intra_link(m).per_gpu_bytes_per_s
+        })
+        .fold(0.0, f64::max);
+    let inter = node_bytes
+        .iter()
+        .map(|(n, b)| {
+            let m = node_gpus.get(n).map_or(1, |s| s.len() as u32);
+            b / fabric.node_inter_bytes_per_s(m)
+        })
+        .fold(0.0, f64::max);
+    let lat = if crosses { fabric.inter_latency_s } else { fabric.intra_latency_s };
+    intra.max(inter) + 2.0 * (longest as f64 - 1.0) * lat + fabric.collective_launch_s
 }
 
 /// Expert-fetch (Janus) time of one MoE layer per iteration: every node fetches the weights of the experts it
@@ -259,9 +302,12 @@ mod tests {
         let p = Placement::new(2, 2, 2, vec![0, 1, 0, 1]).unwrap();
         let t = moe_layer_exact(&shape(), &load, &p, &[0, 1], &fabric(), &exact_consts(), false).unwrap();
         assert_eq!(t.gpu_tokens, vec![5.0, 5.0]);
-        // Two replicated experts, each all-reduced over 2 GPUs: expert params 2*2*4 + 6 = 22, x4 bytes = 88;
-        // ring over 2: 2*(1/2)*88/1e3 = 0.088 s each, two per GPU.
-        assert!((t.replica_sync_ms - 2.0 * 88.0).abs() < 1e-9, "{}", t.replica_sync_ms);
+        // Two replicated experts, each all-reduced over the 2 GPUs of one node: expert params 2*2*4 + 6 = 22,
+        // x4 bytes = 88; each ring sends 2*(1/2)*88 = 88 bytes per GPU: 176 bytes per GPU at 1e3 B/s.
+        assert!((t.replica_sync_ms - 176.0).abs() < 1e-6, "{}", t.replica_sync_ms);
+        // On GPUs of two nodes, each node's NIC (1e2 B/s) carries 176 bytes too: 1.76 s.
+        let t2 = moe_layer_exact(&shape(), &load, &p, &[0, 2], &fabric(), &exact_consts(), false).unwrap();
+        assert!((t2.replica_sync_ms - 1760.0).abs() < 1e-6, "{}", t2.replica_sync_ms);
     }
 
     #[test]

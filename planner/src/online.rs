@@ -1,0 +1,529 @@
+//! The online policy: from the load history, predict the next window's load, propose a placement with one of
+//! the placement algorithms, estimate what it saves per iteration over the horizon against what moving the
+//! experts costs, and decide. A plain function (history in, decision out) that the simulator and the runtime
+//! share.
+
+use serde::{Deserialize, Serialize};
+use switchyard_cost::cost::comm::all_to_all_time_s;
+use switchyard_cost::cost::{Fabric, MoeLayerShape, moe_layer_exact};
+use switchyard_cost::{LoadMatrix, ModelConstants, Placement};
+
+use crate::placement::balanced_placement;
+use crate::placement::switchyard::{SwitchyardOptions, switchyard_placement};
+
+/// How the next window's load is predicted from the history.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Predictor {
+    /// The most recent observation.
+    Last,
+    /// The mean of the last `window` observations.
+    WindowMean {
+        /// Observations averaged.
+        window: usize,
+    },
+    /// Exponential average with weight `alpha` on the newest observation.
+    Ema {
+        /// Weight of the newest observation, in (0, 1].
+        alpha: f64,
+    },
+}
+
+impl Predictor {
+    /// Predicted load matrix from the history (oldest first); None for an empty history.
+    pub fn predict(&self, history: &[&LoadMatrix]) -> Option<Vec<Vec<f64>>> {
+        let last = history.last()?;
+        let (r, e) = (last.ranks, last.experts);
+        let to_f = |m: &LoadMatrix| -> Vec<Vec<f64>> {
+            (0..r).map(|s| m.row(s).iter().map(|&x| x as f64).collect()).collect()
+        };
+        Some(match *self {
+            Predictor::Last => to_f(last),
+            Predictor::WindowMean { window } => {
+                let w = window.clamp(1, history.len());
+                let mut acc = vec![vec![0.0; e]; r];
+                for m in &history[history.len() - w..] {
+                    for (s, row) in acc.iter_mut().enumerate() {
+                        for (a, &x) in row.iter_mut().zip(m.row(s)) {
+                            *a += x as f64 / w as f64;
+                        }
+                    }
+                }
+                acc
+            }
+            Predictor::Ema { alpha } => {
+                let a = alpha.clamp(1e-6, 1.0);
+                let mut acc = to_f(history[0]);
+                for m in &history[1..] {
+                    for (s, row) in acc.iter_mut().enumerate() {
+                        for (v, &x) in row.iter_mut().zip(m.row(s)) {
+                            *v = (1.0 - a) * *v + a * x as f64;
+                        }
+                    }
+                }
+                acc
+            }
+        })
+    }
+}
+
+/// Which placement algorithm proposes placements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Contiguous placement, never changed.
+    Static,
+    /// Switchyard's replication-, topology- and migration-aware placement with a cost/benefit switching rule.
+    Switchyard,
+}
+
+impl Algorithm {
+    /// Name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Static => "static",
+            Algorithm::Switchyard => "switchyard",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(s: &str) -> Option<Algorithm> {
+        match s {
+            "static" => Some(Algorithm::Static),
+            "switchyard" => Some(Algorithm::Switchyard),
+            _ => None,
+        }
+    }
+
+    /// Every algorithm, for help texts.
+    pub const ALL: [Algorithm; 2] = [Algorithm::Static, Algorithm::Switchyard];
+}
+
+/// What one MoE layer's cost terms need: its shape and where its expert-parallel group sits.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    /// Expert sizes and hardware rates.
+    pub shape: MoeLayerShape,
+    /// Global GPU index of each GPU of the group.
+    pub gpus: Vec<u32>,
+    /// Link classes.
+    pub fabric: Fabric,
+    /// Model constants.
+    pub constants: ModelConstants,
+    /// Slots on each GPU.
+    pub slots_per_gpu: usize,
+    /// GPUs per node.
+    pub gpus_per_node: usize,
+    /// Hierarchical all-to-all.
+    pub hierarchical: bool,
+    /// Micro-batches per iteration: a per-iteration load is priced as this many passes of its share.
+    pub micro_batches: usize,
+}
+
+impl LayerContext {
+    /// The context of an expert-parallel group spanning GPUs `0..gpus` of `cluster` (which must have at least
+    /// that many), with `slots_per_gpu` slots.
+    pub fn for_cluster(
+        cluster: &switchyard_cost::ClusterSpec,
+        shape: MoeLayerShape,
+        gpus: usize,
+        slots_per_gpu: usize,
+        micro_batches: usize,
+    ) -> LayerContext {
+        LayerContext {
+            shape,
+            gpus: (0..gpus as u32).collect(),
+            fabric: Fabric::from_cluster(cluster),
+            constants: cluster.constants.clone(),
+            slots_per_gpu,
+            gpus_per_node: cluster.gpus_per_node as usize,
+            hierarchical: false,
+            micro_batches,
+        }
+    }
+
+    /// Modelled time (ms) of one iteration of this layer under `load` (a whole iteration's tokens).
+    pub fn iteration_ms(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
+        let mb = self.micro_batches.max(1);
+        let per = if mb == 1 {
+            load.clone()
+        } else {
+            LoadMatrix {
+                ranks: load.ranks,
+                experts: load.experts,
+                counts: load.counts.iter().map(|&c| c.div_ceil(mb as u64)).collect(),
+            }
+        };
+        // Compute, all-to-all and fixed costs repeat per micro-batch; replica gradients are reduced once.
+        moe_layer_exact(&self.shape, &per, placement, &self.gpus, &self.fabric, &self.constants, self.hierarchical)
+            .map(|t| (t.total_ms - t.replica_sync_ms) * mb as f64 + t.replica_sync_ms)
+            .unwrap_or(f64::INFINITY)
+    }
+
+    /// Bytes of one expert's training state that moves with it: weights, fp32 master weights and two fp32 Adam
+    /// moments (gradients are empty at a switch).
+    pub fn expert_state_bytes(&self) -> f64 {
+        self.shape.expert_params() * (self.shape.param_bytes as f64 + 4.0 + 8.0)
+    }
+}
+
+/// The cost of moving from one placement to another.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Migration {
+    /// Expert copies that must travel (an expert newly present on a GPU).
+    pub transfers: usize,
+    /// Bytes moved.
+    pub bytes: f64,
+    /// Modelled time of the exchange, ms.
+    pub time_ms: f64,
+}
+
+// `dst` indexes the destination column of a source-row matrix: a range loop is the clear form.
+#[allow(clippy::needless_range_loop)]
+/// What moving from `from` to `to` costs: every expert that appears on a GPU that did not hold it is sent by a
+/// GPU that did (one on the same node if any, else the least loaded holder), all in one exchange.
+pub fn migration(from: &Placement, to: &Placement, ctx: &LayerContext) -> Migration {
+    let g = to.gpus;
+    if from.gpus != g || from.experts != to.experts {
+        return Migration { transfers: 0, bytes: 0.0, time_ms: f64::INFINITY };
+    }
+    let per = ctx.expert_state_bytes();
+    let holders = from.expert_slots();
+    let mut bytes = vec![vec![0.0; g]; g];
+    let mut sent = vec![0.0f64; g];
+    let mut transfers = 0;
+    for dst in 0..g {
+        let have = from.gpu_slots(dst);
+        let mut seen: Vec<u32> = Vec::new();
+        for &x in to.gpu_slots(dst) {
+            if have.contains(&x) || seen.contains(&x) {
+                continue;
+            }
+            seen.push(x);
+            let node = |gpu: usize| ctx.fabric.node_of(ctx.gpus[gpu]);
+            let src = holders[x as usize]
+                .iter()
+                .map(|&slot| from.gpu_of_slot(slot))
+                .min_by(|&a, &b| {
+                    (node(a) != node(dst))
+                        .cmp(&(node(b) != node(dst)))
+                        .then(sent[a].total_cmp(&sent[b]))
+                        .then(a.cmp(&b))
+                })
+                .unwrap_or(dst);
+            bytes[src][dst] += per;
+            sent[src] += per;
+            transfers += 1;
+        }
+    }
+    let total = transfers as f64 * per;
+    let time_ms = if transfers == 0 { 0.0 } else { all_to_all_time_s(&bytes, &ctx.gpus, &ctx.fabric, false) * 1e3 };
+    Migration { transfers, bytes: total, time_ms }
+}
+
+/// Proposes a placement for one layer.
+pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx: &LayerContext) -> Placement {
+    let experts = current.experts;
+    let mut loads = vec![0.0; experts];
+    for row in predicted {
+        for (l, &x) in loads.iter_mut().zip(row) {
+            *l += x;
+        }
+    }
+    let gpus = current.gpus;
+    let slots = ctx.slots_per_gpu;
+    let result = match alg {
+        Algorithm::Static => return current.clone(),
+        Algorithm::Switchyard => {
+            let opts = SwitchyardOptions { gpus_per_node: ctx.gpus_per_node, ..Default::default() };
+            switchyard_placement(&loads, Some(predicted), Some(current), gpus, slots, &opts)
+        }
+    };
+    result.or_else(|_| balanced_placement(&loads, gpus, slots)).unwrap_or_else(|_| current.clone())
+}
+
+/// When the policy decides.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Frequency {
+    /// Never re-plan (dyn.0).
+    Never,
+    /// Decide every `n` iterations (dyn.N).
+    Every {
+        /// Iterations between decisions.
+        n: u64,
+    },
+    /// Decide whenever the gain accumulated since the last switch pays for the move (dyn.auto).
+    Auto,
+}
+
+impl Frequency {
+    /// Parses `0`, `N` or `auto`.
+    pub fn parse(s: &str) -> Option<Frequency> {
+        match s.trim() {
+            "auto" => Some(Frequency::Auto),
+            "0" => Some(Frequency::Never),
+            n => n.parse::<u64>().ok().map(|n| Frequency::Every { n }),
+        }
+    }
+
+    /// Label as in `dyn.N`.
+    pub fn label(&self) -> String {
+        match self {
+            Frequency::Never => "dyn.0".into(),
+            Frequency::Every { n } => format!("dyn.{n}"),
+            Frequency::Auto => "dyn.auto".into(),
+        }
+    }
+}
+
+/// State the policy carries between calls.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyState {
+    /// Iteration of the last decision (None before the first).
+    pub last_decision: Option<u64>,
+    /// dyn.auto: modelled time the current placement has cost over the best proposal since the last switch, ms.
+    pub regret_ms: f64,
+    /// Iteration the regret was last updated at.
+    pub regret_at: Option<u64>,
+}
+
+/// A decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    /// Whether the policy evaluated a proposal at this call.
+    pub evaluated: bool,
+    /// Whether to switch.
+    pub switch: bool,
+    /// The placements to switch to (one per layer); equal to the current ones when not switching.
+    pub placements: Vec<Placement>,
+    /// Predicted time saved per iteration, summed over layers, ms.
+    pub gain_ms_per_iter: f64,
+    /// Modelled time of the migration, summed over layers, ms.
+    pub migration_ms: f64,
+    /// Bytes the migration moves.
+    pub bytes_moved: f64,
+    /// Expert copies moved.
+    pub transfers: usize,
+}
+
+/// Policy configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PolicyConfig {
+    /// The placement algorithm.
+    pub algorithm: Algorithm,
+    /// When to decide.
+    pub frequency: Frequency,
+    /// How to predict.
+    pub predictor: Predictor,
+}
+
+/// Decides at `iteration` from the per-layer histories (`history[layer]`, oldest first, up to what has been
+/// observed) given the current placements. `iterations_since` is how many iterations have passed since the
+/// previous call (dyn.auto accumulates its regret over them).
+pub fn decide(
+    cfg: &PolicyConfig,
+    state: &mut PolicyState,
+    iteration: u64,
+    iterations_since: u64,
+    history: &[Vec<&LoadMatrix>],
+    current: &[Placement],
+    ctx: &[LayerContext],
+) -> Decision {
+    let keep = || Decision {
+        evaluated: false,
+        switch: false,
+        placements: current.to_vec(),
+        gain_ms_per_iter: 0.0,
+        migration_ms: 0.0,
+        bytes_moved: 0.0,
+        transfers: 0,
+    };
+    let due = match cfg.frequency {
+        Frequency::Never => false,
+        Frequency::Every { n } => state.last_decision.is_none_or(|l| iteration >= l + n.max(1)),
+        Frequency::Auto => true,
+    };
+    if !due || cfg.algorithm == Algorithm::Static || history.iter().any(|h| h.is_empty()) {
+        return keep();
+    }
+    state.last_decision = Some(iteration);
+    let mut proposals = Vec::with_capacity(current.len());
+    let (mut gain, mut mig_ms, mut bytes, mut transfers) = (0.0, 0.0, 0.0, 0);
+    for ((h, cur), c) in history.iter().zip(current).zip(ctx) {
+        let Some(pred) = cfg.predictor.predict(h) else {
+            proposals.push(cur.clone());
+            continue;
+        };
+        let p = propose(cfg.algorithm, &pred, cur, c);
+        let pm = LoadMatrix {
+            ranks: pred.len(),
+            experts: cur.experts,
+            counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
+        };
+        let before = c.iteration_ms(&pm, cur);
+        let after = c.iteration_ms(&pm, &p);
+        let m = migration(cur, &p, c);
+        gain += before - after;
+        mig_ms += m.time_ms;
+        bytes += m.bytes;
+        transfers += m.transfers;
+        proposals.push(p);
+    }
+    let switch = match cfg.frequency {
+        Frequency::Never => false,
+        Frequency::Every { n } => gain > 0.0 && gain * n as f64 > mig_ms,
+        Frequency::Auto => {
+            state.regret_ms += gain.max(0.0) * iterations_since.max(1) as f64;
+            state.regret_at = Some(iteration);
+            state.regret_ms > mig_ms && gain > 0.0
+        }
+    };
+    if switch {
+        state.regret_ms = 0.0;
+        Decision {
+            evaluated: true,
+            switch,
+            placements: proposals,
+            gain_ms_per_iter: gain,
+            migration_ms: mig_ms,
+            bytes_moved: bytes,
+            transfers,
+        }
+    } else {
+        Decision { evaluated: true, gain_ms_per_iter: gain, migration_ms: mig_ms, ..keep() }
+    }
+}
+
+/// Shared test fixtures.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use switchyard_cost::presets;
+
+    /// A layer context of `gpus` A100s (8 per node) with SmartMoE's benchmark layer.
+    pub(crate) fn ctx(gpus: usize, slots: usize) -> LayerContext {
+        let c = presets::cluster("smartmoe-a100")
+            .unwrap()
+            .with_gpus(gpus as u32, &switchyard_cost::Source::Inline)
+            .unwrap();
+        LayerContext {
+            shape: MoeLayerShape {
+                d_model: 2048,
+                d_ffn: 4096,
+                gated: false,
+                act_bytes: 2,
+                param_bytes: 2,
+                grad_bytes: 4,
+                peak_flops: 312e12,
+            },
+            gpus: (0..gpus as u32).collect(),
+            fabric: Fabric::from_cluster(&c),
+            constants: c.constants.clone(),
+            slots_per_gpu: slots,
+            gpus_per_node: c.gpus_per_node as usize,
+            hierarchical: false,
+            micro_batches: 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::ctx;
+    use super::*;
+
+    #[test]
+    fn predictors_by_hand() {
+        let a = LoadMatrix::from_rows(&[vec![10, 0]]).unwrap();
+        let b = LoadMatrix::from_rows(&[vec![0, 20]]).unwrap();
+        let h = vec![&a, &b];
+        assert_eq!(Predictor::Last.predict(&h).unwrap(), vec![vec![0.0, 20.0]]);
+        assert_eq!(Predictor::WindowMean { window: 2 }.predict(&h).unwrap(), vec![vec![5.0, 10.0]]);
+        assert_eq!(Predictor::Ema { alpha: 0.25 }.predict(&h).unwrap(), vec![vec![7.5, 5.0]]);
+        assert!(Predictor::Last.predict(&[]).is_none());
+    }
+
+    #[test]
+    fn migration_counts_new_presences() {
+        let c = ctx(2, 2);
+        let from = Placement::new(2, 2, 3, vec![0, 1, 2, 0]).unwrap();
+        let to = Placement::new(2, 2, 3, vec![0, 2, 2, 1]).unwrap();
+        let m = migration(&from, &to, &c);
+        // GPU0 gains expert 2, GPU1 gains expert 1.
+        assert_eq!(m.transfers, 2);
+        assert!((m.bytes - 2.0 * c.expert_state_bytes()).abs() < 1.0);
+        assert!(m.time_ms > 0.0);
+        assert_eq!(migration(&from, &from, &c).transfers, 0);
+    }
+
+    #[test]
+    fn switches_only_when_it_pays() {
+        let c = ctx(8, 4);
+        let cur = Placement::contiguous(8, 4, 32).unwrap();
+        // Skewed: the experts of GPU 0 are hot.
+        let rows: Vec<Vec<u64>> = (0..8).map(|_| (0..32).map(|e| if e < 4 { 4000 } else { 100 }).collect()).collect();
+        let hot = LoadMatrix::from_rows(&rows).unwrap();
+        let hist = vec![vec![&hot]];
+        let cfg = |n| PolicyConfig {
+            algorithm: Algorithm::Switchyard,
+            frequency: Frequency::Every { n },
+            predictor: Predictor::Last,
+        };
+        let d = decide(
+            &cfg(100),
+            &mut PolicyState::default(),
+            0,
+            1,
+            &hist,
+            std::slice::from_ref(&cur),
+            std::slice::from_ref(&c),
+        );
+        assert!(d.evaluated && d.switch, "{:?}", (d.gain_ms_per_iter, d.migration_ms));
+        assert!(d.gain_ms_per_iter > 0.0);
+        // A mild skew gains little per iteration: one iteration does not pay for the move, a long horizon does.
+        let rows: Vec<Vec<u64>> = (0..8).map(|_| (0..32).map(|e| if e < 4 { 1040 } else { 1000 }).collect()).collect();
+        let mild = LoadMatrix::from_rows(&rows).unwrap();
+        let hist_mild = vec![vec![&mild]];
+        let d1 = decide(
+            &cfg(1),
+            &mut PolicyState::default(),
+            0,
+            1,
+            &hist_mild,
+            std::slice::from_ref(&cur),
+            std::slice::from_ref(&c),
+        );
+        assert!(d1.evaluated && !d1.switch, "{:?}", (d1.gain_ms_per_iter, d1.migration_ms));
+        assert!(d1.gain_ms_per_iter > 0.0 && d1.gain_ms_per_iter < d1.migration_ms);
+        let d1000 = decide(
+            &cfg(1000),
+            &mut PolicyState::default(),
+            0,
+            1,
+            &hist_mild,
+            std::slice::from_ref(&cur),
+            std::slice::from_ref(&c),
+        );
+        assert!(d1000.switch);
+        // Not due yet.
+        let mut st = PolicyState { last_decision: Some(0), ..Default::default() };
+        let d2 = decide(&cfg(100), &mut st, 50, 50, &hist, std::slice::from_ref(&cur), std::slice::from_ref(&c));
+        assert!(!d2.evaluated);
+        // dyn.auto accumulates regret until it exceeds the migration cost.
+        let auto = PolicyConfig { frequency: Frequency::Auto, ..cfg(1) };
+        let mut st = PolicyState::default();
+        let mut switched_at = None;
+        for it in 0..2000 {
+            let d = decide(&auto, &mut st, it, 1, &hist_mild, std::slice::from_ref(&cur), std::slice::from_ref(&c));
+            if d.switch {
+                switched_at = Some(it);
+                break;
+            }
+        }
+        let at = switched_at.expect("auto switches eventually") as f64;
+        // It switches once the accumulated gain passes the cost, not before.
+        assert!(at + 1.0 >= d1.migration_ms / d1.gain_ms_per_iter, "{at}");
+        assert!(at <= d1.migration_ms / d1.gain_ms_per_iter + 1.0, "{at}");
+    }
+}
