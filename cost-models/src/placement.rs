@@ -32,6 +32,9 @@ pub enum PlacementError {
     /// An expert has no slot.
     #[error("expert {0} has no slot: every logical expert needs at least one")]
     Unplaced(usize),
+    /// Token shares that are not one per slot, negative, or do not sum to one per expert.
+    #[error("token shares: {0}")]
+    Shares(String),
     /// Fewer slots than experts.
     #[error("{slots} slots cannot hold {experts} experts")]
     TooFewSlots {
@@ -43,7 +46,8 @@ pub enum PlacementError {
 }
 
 /// Where the experts of one MoE layer live: `slots[gpu * slots_per_gpu + j]` is the logical expert in slot `j` of
-/// GPU `gpu` (GPUs are numbered within the expert-parallel group).
+/// GPU `gpu` (GPUs are numbered within the expert-parallel group). An expert's tokens are split over its replicas
+/// evenly, or by `shares` when given: slot `i` receives `shares[i] / SHARE_UNIT` of its expert's tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Placement {
     /// GPUs of the expert-parallel group.
@@ -54,14 +58,57 @@ pub struct Placement {
     pub experts: usize,
     /// Logical expert held by each physical slot.
     pub slots: Vec<u32>,
+    /// Optional token share of each slot, in units of [`SHARE_UNIT`] (the shares of one expert's slots sum to
+    /// `SHARE_UNIT`); absent: even split over the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<Vec<u32>>,
 }
+
+/// The whole of an expert's tokens in [`Placement::shares`] units (parts per million).
+pub const SHARE_UNIT: u32 = 1_000_000;
 
 impl Placement {
     /// Builds and checks a placement.
     pub fn new(gpus: usize, slots_per_gpu: usize, experts: usize, slots: Vec<u32>) -> Result<Self, PlacementError> {
-        let p = Placement { gpus, slots_per_gpu, experts, slots };
+        let p = Placement { gpus, slots_per_gpu, experts, slots, shares: None };
         p.check()?;
         Ok(p)
+    }
+
+    /// The same placement with token shares per slot (fractions of the expert's tokens, any positive scale per
+    /// expert: they are normalised and rounded to [`SHARE_UNIT`] parts, the rounding given to the largest share).
+    pub fn with_shares(mut self, fractions: &[f64]) -> Result<Self, PlacementError> {
+        if fractions.len() != self.slots.len() {
+            return Err(PlacementError::Shares(format!("{} shares for {} slots", fractions.len(), self.slots.len())));
+        }
+        if fractions.iter().any(|f| !f.is_finite() || *f < 0.0) {
+            return Err(PlacementError::Shares("shares must be finite and non-negative".into()));
+        }
+        let mut out = vec![0u32; self.slots.len()];
+        for slots in self.expert_slots() {
+            let sum: f64 = slots.iter().map(|&s| fractions[s]).sum();
+            let n = slots.len() as f64;
+            let mut given = 0u32;
+            for &s in &slots {
+                let f = if sum > 0.0 { fractions[s] / sum } else { 1.0 / n };
+                out[s] = (f * SHARE_UNIT as f64).floor() as u32;
+                given += out[s];
+            }
+            if let Some(&big) = slots.iter().max_by_key(|&&s| out[s]) {
+                out[big] += SHARE_UNIT - given;
+            }
+        }
+        self.shares = Some(out);
+        self.check()?;
+        Ok(self)
+    }
+
+    /// Fraction of its expert's tokens that `slot` receives.
+    pub fn share(&self, slot: usize, replica_counts: &[u32]) -> f64 {
+        match &self.shares {
+            Some(s) => s[slot] as f64 / SHARE_UNIT as f64,
+            None => 1.0 / replica_counts[self.slots[slot] as usize] as f64,
+        }
     }
 
     /// Contiguous placement: expert `e` on GPU `e / (experts / gpus)`; spare slots hold replicas of experts in
@@ -110,6 +157,18 @@ impl Placement {
         if let Some(e) = seen.iter().position(|s| !s) {
             return Err(PlacementError::Unplaced(e));
         }
+        if let Some(sh) = &self.shares {
+            if sh.len() != self.slots.len() {
+                return Err(PlacementError::Shares(format!("{} shares for {} slots", sh.len(), self.slots.len())));
+            }
+            let mut sum = vec![0u64; self.experts];
+            for (&e, &x) in self.slots.iter().zip(sh) {
+                sum[e as usize] += x as u64;
+            }
+            if let Some(e) = sum.iter().position(|&x| x != SHARE_UNIT as u64) {
+                return Err(PlacementError::Shares(format!("expert {e}'s shares sum to {} of {SHARE_UNIT}", sum[e])));
+            }
+        }
         Ok(())
     }
 
@@ -141,12 +200,12 @@ impl Placement {
         v
     }
 
-    /// Per-GPU load when each expert's `loads[e]` tokens are split evenly over its replicas.
+    /// Per-GPU load when each expert's `loads[e]` tokens are split over its replicas (evenly, or by the shares).
     pub fn gpu_loads(&self, loads: &[f64]) -> Vec<f64> {
         let cnt = self.replica_counts();
         let mut g = vec![0.0; self.gpus];
         for (s, &e) in self.slots.iter().enumerate() {
-            g[s / self.slots_per_gpu] += loads[e as usize] / cnt[e as usize] as f64;
+            g[s / self.slots_per_gpu] += loads[e as usize] * self.share(s, &cnt);
         }
         g
     }
@@ -178,6 +237,21 @@ mod tests {
         assert!(matches!(Placement::new(2, 1, 2, vec![0, 0]), Err(PlacementError::Unplaced(1))));
         assert!(matches!(Placement::new(2, 1, 2, vec![0, 5]), Err(PlacementError::UnknownExpert { .. })));
         assert!(matches!(Placement::new(2, 2, 2, vec![0, 1]), Err(PlacementError::SlotCount { .. })));
+    }
+
+    #[test]
+    fn shares_split_load_unevenly() {
+        // GPU0: e0, e1; GPU1: e0, e2. e0 sends 3/4 of its tokens to GPU1.
+        let p = Placement::new(2, 2, 3, vec![0, 1, 0, 2]).unwrap().with_shares(&[1.0, 1.0, 3.0, 1.0]).unwrap();
+        assert_eq!(p.shares.as_deref(), Some(&[250_000, 1_000_000, 750_000, 1_000_000][..]));
+        assert_eq!(p.gpu_loads(&[100.0, 10.0, 30.0]), vec![35.0, 105.0]);
+        let mut bad = p.clone();
+        bad.shares.as_mut().unwrap()[0] = 1;
+        assert!(matches!(bad.check(), Err(PlacementError::Shares(_))));
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Placement>(&json).unwrap(), p);
+        // Without shares the field is absent from the JSON.
+        assert!(!serde_json::to_string(&Placement::contiguous(2, 1, 2).unwrap()).unwrap().contains("shares"));
     }
 
     #[test]

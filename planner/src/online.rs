@@ -118,6 +118,9 @@ pub struct LayerContext {
     pub hierarchical: bool,
     /// Micro-batches per iteration: a per-iteration load is priced as this many passes of its share.
     pub micro_batches: usize,
+    /// Token shares of replicas are recomputed from each iteration's routed counts at dispatch time (the count
+    /// exchange precedes the all-to-all), so they follow the load without moving parameters.
+    pub dynamic_shares: bool,
 }
 
 impl LayerContext {
@@ -139,7 +142,17 @@ impl LayerContext {
             gpus_per_node: cluster.gpus_per_node as usize,
             hierarchical: false,
             micro_batches,
+            dynamic_shares: false,
         }
+    }
+
+    /// The placement as it serves `load`: with dynamic shares, its replicas' token shares rebalanced for it.
+    pub fn serving(&self, load: &LoadMatrix, placement: &Placement) -> Placement {
+        if !self.dynamic_shares || placement.replica_counts().iter().all(|&c| c <= 1) {
+            return placement.clone();
+        }
+        let loads: Vec<f64> = load.expert_loads().into_iter().map(|x| x as f64).collect();
+        crate::placement::shares::balance_shares(placement, &loads).map(|x| x.0).unwrap_or_else(|_| placement.clone())
     }
 
     /// Modelled time (ms) of one iteration of this layer under `load` (a whole iteration's tokens).
@@ -155,6 +168,7 @@ impl LayerContext {
             }
         };
         // Compute, all-to-all and fixed costs repeat per micro-batch; replica gradients are reduced once.
+        let placement = &self.serving(load, placement);
         moe_layer_exact(&self.shape, &per, placement, &self.gpus, &self.fabric, &self.constants, self.hierarchical)
             .map(|t| (t.total_ms - t.replica_sync_ms) * mb as f64 + t.replica_sync_ms)
             .unwrap_or(f64::INFINITY)
@@ -221,21 +235,47 @@ pub fn migration(from: &Placement, to: &Placement, ctx: &LayerContext) -> Migrat
     Migration { transfers, bytes: total, time_ms }
 }
 
-/// Proposes a placement for one layer.
-pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx: &LayerContext) -> Placement {
-    let experts = current.experts;
+/// Candidate placements for one layer: the algorithm's proposal and, for Switchyard, also the minimal repair of
+/// the current placement (the policy keeps whichever pays best once migration is charged).
+pub fn candidates(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx: &LayerContext) -> Vec<Placement> {
+    let mut v = vec![propose(alg, predicted, current, ctx)];
+    if alg == Algorithm::Switchyard {
+        let loads = column_sums(predicted, current.experts);
+        let opts = SwitchyardOptions {
+            gpus_per_node: ctx.gpus_per_node,
+            token_shares: ctx.dynamic_shares,
+            ..Default::default()
+        };
+        if let Some(r) = crate::placement::switchyard::repair_placement(&loads, current, &opts) {
+            v.push(r);
+        }
+    }
+    v
+}
+
+fn column_sums(m: &[Vec<f64>], experts: usize) -> Vec<f64> {
     let mut loads = vec![0.0; experts];
-    for row in predicted {
+    for row in m {
         for (l, &x) in loads.iter_mut().zip(row) {
             *l += x;
         }
     }
+    loads
+}
+
+/// Proposes a placement for one layer.
+pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx: &LayerContext) -> Placement {
+    let loads = column_sums(predicted, current.experts);
     let gpus = current.gpus;
     let slots = ctx.slots_per_gpu;
     let result = match alg {
         Algorithm::Static => return current.clone(),
         Algorithm::Switchyard => {
-            let opts = SwitchyardOptions { gpus_per_node: ctx.gpus_per_node, ..Default::default() };
+            let opts = SwitchyardOptions {
+                gpus_per_node: ctx.gpus_per_node,
+                token_shares: ctx.dynamic_shares,
+                ..Default::default()
+            };
             switchyard_placement(&loads, Some(predicted), Some(current), gpus, slots, &opts)
         }
     };
@@ -355,16 +395,28 @@ pub fn decide(
             proposals.push(cur.clone());
             continue;
         };
-        let p = propose(cfg.algorithm, &pred, cur, c);
         let pm = LoadMatrix {
             ranks: pred.len(),
             experts: cur.experts,
             counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
         };
         let before = c.iteration_ms(&pm, cur);
-        let after = c.iteration_ms(&pm, &p);
-        let m = migration(cur, &p, c);
-        gain += before - after;
+        // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes).
+        let horizon = match cfg.frequency {
+            Frequency::Every { n } => n.max(1) as f64,
+            _ => iterations_since.max(1) as f64,
+        };
+        let mut best: Option<(f64, f64, Migration, Placement)> = None;
+        for p in candidates(cfg.algorithm, &pred, cur, c) {
+            let g = before - c.iteration_ms(&pm, &p);
+            let m = migration(cur, &p, c);
+            let net = g * horizon - m.time_ms;
+            if best.as_ref().is_none_or(|b| net > b.0 + 1e-9 || (net >= b.0 - 1e-9 && m.bytes < b.2.bytes)) {
+                best = Some((net, g, m, p));
+            }
+        }
+        let (_, g, m, p) = best.expect("at least one candidate");
+        gain += g;
         mig_ms += m.time_ms;
         bytes += m.bytes;
         transfers += m.transfers;
@@ -424,6 +476,7 @@ pub(crate) mod tests_support {
             gpus_per_node: c.gpus_per_node as usize,
             hierarchical: false,
             micro_batches: 1,
+            dynamic_shares: false,
         }
     }
 }

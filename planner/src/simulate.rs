@@ -131,9 +131,10 @@ pub fn simulate(
         let mut imb = Vec::with_capacity(trace.layers);
         for (l, c) in ctx.iter().enumerate().take(trace.layers) {
             let load = &snap.layers[l];
-            iter_ms += c.iteration_ms(load, &current[l]);
-            bound_ms += bound_iteration_ms(c, load, &current[l]);
-            let x = imbalance(load, &current[l]);
+            let serving = c.serving(load, &current[l]);
+            iter_ms += c.iteration_ms(load, &serving);
+            bound_ms += bound_iteration_ms(c, load, &serving);
+            let x = imbalance(load, &serving);
             imb.push(x);
             imbs.push(x);
         }

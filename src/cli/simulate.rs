@@ -41,6 +41,10 @@ pub struct SimSetup {
     /// Decide with the load about to be played (an oracle) instead of past loads only.
     #[arg(long)]
     pub oracle: bool,
+    /// Split replicated experts' tokens evenly (as EPLB and FasterMoE do) instead of recomputing the replicas'
+    /// token shares from each iteration's routed counts at dispatch time (Switchyard's default).
+    #[arg(long)]
+    pub even_shares: bool,
     /// Skip broken lines of the trace and report them instead of failing.
     #[arg(long)]
     pub lenient: bool,
@@ -211,7 +215,8 @@ pub fn load(setup: &SimSetup) -> Result<Loaded> {
             e.div_ceil(g)
         );
     }
-    let ctx1 = LayerContext::for_cluster(&cluster, shape, g, slots, trace.micro_batches.max(1));
+    let mut ctx1 = LayerContext::for_cluster(&cluster, shape, g, slots, trace.micro_batches.max(1));
+    ctx1.dynamic_shares = !setup.even_shares;
     let ctx = vec![ctx1; trace.layers];
     let initial = vec![Placement::contiguous(g, slots, e)?; trace.layers];
     Ok(Loaded { trace, ctx, initial, predictor: parse_predictor(&setup.predictor)?, slots, cluster })

@@ -62,13 +62,14 @@ pub struct MoeLayerTime {
     pub imbalance: f64,
 }
 
-/// Tokens from source rank `s` to each GPU when every expert's tokens are split evenly over its replicas.
+/// Tokens from source rank `s` to each GPU when every expert's tokens are split over its replicas (evenly, or by
+/// the placement's shares).
 pub fn traffic_tokens(load: &LoadMatrix, placement: &Placement) -> Vec<Vec<f64>> {
     let cnt = placement.replica_counts();
     let mut t = vec![vec![0.0; placement.gpus]; load.ranks];
     for (slot, &e) in placement.slots.iter().enumerate() {
         let g = placement.gpu_of_slot(slot);
-        let share = 1.0 / cnt[e as usize] as f64;
+        let share = placement.share(slot, &cnt);
         for (s, row) in t.iter_mut().enumerate() {
             row[g] += load.get(s, e as usize) as f64 * share;
         }
@@ -107,7 +108,7 @@ pub fn moe_layer_exact(
     let mut gpu_tokens = vec![0.0; placement.gpus];
     for (slot, &e) in placement.slots.iter().enumerate() {
         let g = placement.gpu_of_slot(slot);
-        let tokens = loads[e as usize] / cnt[e as usize] as f64;
+        let tokens = loads[e as usize] * placement.share(slot, &cnt);
         if tokens <= 0.0 {
             continue;
         }

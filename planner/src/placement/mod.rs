@@ -2,6 +2,7 @@
 //! `balanced` is the replication-aware greedy the planner seeds its pools with.
 
 pub mod balanced;
+pub mod shares;
 pub mod switchyard;
 
 pub use balanced::{balanced_placement, replica_counts_for};

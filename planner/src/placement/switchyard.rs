@@ -7,6 +7,8 @@
 //!    a replica of it (cheaper gradient synchronisation).
 //! 3. Local search on the busiest GPU: swap one of its slots with a slot of another GPU, or retarget one of its
 //!    replicas to the expert with the highest load per replica, while the busiest load falls.
+//! 5. Token shares (last): each replicated expert's tokens are split over its replicas so that the busiest GPU
+//!    carries the least ([`super::shares::balance_shares`]), instead of evenly.
 //! 4. Migration-aware relabelling: inside each node, the new GPU contents are assigned to GPUs by a minimum-cost
 //!    assignment (fewest experts to move), and inside each GPU experts keep their slot index when they can.
 
@@ -23,11 +25,13 @@ pub struct SwitchyardOptions {
     pub tie_tolerance: f64,
     /// Rounds of local search at most.
     pub max_rounds: usize,
+    /// Split replicated experts' tokens unevenly (token shares) to balance the GPUs exactly.
+    pub token_shares: bool,
 }
 
 impl Default for SwitchyardOptions {
     fn default() -> Self {
-        SwitchyardOptions { gpus_per_node: 8, tie_tolerance: 0.02, max_rounds: 64 }
+        SwitchyardOptions { gpus_per_node: 8, tie_tolerance: 0.02, max_rounds: 64, token_shares: true }
     }
 }
 
@@ -209,7 +213,74 @@ pub fn switchyard_placement(
             *bin = placed.into_iter().map(|p| p.or_else(|| it.next()).unwrap_or(0)).collect();
         }
     }
-    Placement::new(gpus, slots_per_gpu, e, bins.concat())
+    let placed = Placement::new(gpus, slots_per_gpu, e, bins.concat())?;
+    // 5. Token shares: split replicated experts' tokens so the busiest GPU carries the least.
+    if opts.token_shares { Ok(super::shares::balance_shares(&placed, &loads)?.0) } else { Ok(placed) }
+}
+
+/// Repairs `current` for new loads with as few expert moves as possible: the replica counts the loads call
+/// for are computed, and only the slots of experts that hold more replicas than they need are given to experts
+/// that hold fewer (one transfer each), on the GPUs that carry the most load per slot first and never twice on
+/// one GPU; token shares then balance the rest. None when the slot configuration differs or nothing changes.
+pub fn repair_placement(loads: &[f64], current: &Placement, opts: &SwitchyardOptions) -> Option<Placement> {
+    let (g, s, e) = (current.gpus, current.slots_per_gpu, current.experts);
+    if loads.len() != e || g * s < e {
+        return None;
+    }
+    let loads: Vec<f64> = loads.iter().map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 }).collect();
+    let want = replica_counts_for(&loads, g * s);
+    let have = current.replica_counts();
+    let mut slots = current.slots.clone();
+    let gpu_load = current.gpu_loads(&loads);
+    // Freed slots: surplus replicas, taken from the most loaded GPUs first.
+    let mut freed: Vec<usize> = Vec::new();
+    for x in 0..e {
+        let surplus = have[x].saturating_sub(want[x]) as usize;
+        if surplus == 0 {
+            continue;
+        }
+        let mut mine: Vec<usize> = (0..slots.len()).filter(|&i| slots[i] as usize == x).collect();
+        mine.sort_by(|&a, &b| {
+            gpu_load[current.gpu_of_slot(b)].total_cmp(&gpu_load[current.gpu_of_slot(a)]).then(a.cmp(&b))
+        });
+        freed.extend(mine.into_iter().take(surplus));
+    }
+    if freed.is_empty() {
+        return None;
+    }
+    // Deficits, heaviest first, each to a freed slot on a GPU that lacks the expert, least loaded first.
+    let mut deficit: Vec<u32> = Vec::new();
+    for x in 0..e {
+        deficit.extend(std::iter::repeat_n(x as u32, want[x].saturating_sub(have[x]) as usize));
+    }
+    deficit.sort_by(|&a, &b| {
+        (loads[b as usize] / want[b as usize] as f64)
+            .total_cmp(&(loads[a as usize] / want[a as usize] as f64))
+            .then(a.cmp(&b))
+    });
+    let mut load_now = gpu_load.clone();
+    for &i in &freed {
+        let x = slots[i] as usize;
+        load_now[current.gpu_of_slot(i)] -= loads[x] / have[x] as f64;
+    }
+    for x in deficit {
+        let holds = |gpu: usize, slots: &[u32]| slots[gpu * s..(gpu + 1) * s].contains(&x);
+        let pick = freed
+            .iter()
+            .enumerate()
+            .filter(|&(_, &i)| !holds(current.gpu_of_slot(i), &slots))
+            .min_by(|a, b| {
+                load_now[current.gpu_of_slot(*a.1)].total_cmp(&load_now[current.gpu_of_slot(*b.1)]).then(a.1.cmp(b.1))
+            })
+            .or_else(|| freed.iter().enumerate().next())
+            .map(|(k, &i)| (k, i));
+        let Some((k, i)) = pick else { break };
+        slots[i] = x;
+        load_now[current.gpu_of_slot(i)] += loads[x as usize] / want[x as usize] as f64;
+        freed.remove(k);
+    }
+    let p = Placement::new(g, s, e, slots).ok()?;
+    if opts.token_shares { super::shares::balance_shares(&p, &loads).ok().map(|x| x.0) } else { Some(p) }
 }
 
 /// Minimum-cost perfect assignment of rows to columns (Hungarian algorithm, O(n^3)); returns the column of each
@@ -300,6 +371,23 @@ mod tests {
         assert!(p.replica_counts()[3] >= 6, "{:?}", p.replica_counts());
         let mean = loads.iter().sum::<f64>() / 8.0;
         assert!(p.gpu_loads(&loads).iter().cloned().fold(0.0, f64::max) / mean < 1.1, "{:?}", p.gpu_loads(&loads));
+    }
+
+    #[test]
+    fn repair_moves_only_what_the_counts_need() {
+        let mut loads = vec![10.0; 16];
+        loads[0] = 200.0;
+        let opts = SwitchyardOptions { gpus_per_node: 4, ..Default::default() };
+        let cur = switchyard_placement(&loads, None, None, 8, 3, &opts).unwrap();
+        // The hot expert moves from 0 to 5.
+        loads.swap(0, 5);
+        let r = repair_placement(&loads, &cur, &opts).unwrap();
+        r.check().unwrap();
+        let changed = r.slots.iter().zip(&cur.slots).filter(|(a, b)| a != b).count();
+        let need: u32 = r.replica_counts()[5] - 1;
+        assert_eq!(changed as u32, need, "{:?} -> {:?}", cur.slots, r.slots);
+        assert!(r.imbalance(&loads) < cur.imbalance(&loads));
+        assert!(repair_placement(&loads, &r, &opts).is_none(), "nothing left to repair");
     }
 
     #[test]

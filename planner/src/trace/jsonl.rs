@@ -98,14 +98,18 @@ pub fn read_jsonl<R: Read>(mut input: R, name: &str, opts: &ReadOptions) -> Resu
 fn parse_record(text: &[u8], file: &str, line: usize) -> Result<Cell, TraceError> {
     let json = |detail: String| TraceError::Json { file: file.to_string(), line, detail };
     let r: Record = serde_json::from_slice(text).map_err(|e| {
+        // serde_json counts lines within the text it was given (always 1 here): keep only the column.
+        let full = e.to_string();
+        let message = full.rfind(" at line ").map_or(full.as_str(), |at| &full[..at]);
+        let detail = format!("{message} (column {})", e.column());
         if e.is_eof() {
             TraceError::Truncated {
                 file: file.to_string(),
                 line,
-                detail: format!("the JSON object is incomplete ({e})"),
+                detail: format!("the JSON object is incomplete: {detail}"),
             }
         } else {
-            json(e.to_string())
+            json(detail)
         }
     })?;
     if r.rank > MAX_RANK {

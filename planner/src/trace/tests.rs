@@ -73,6 +73,9 @@ fn all_formats_read_the_same_trace() {
 
 #[test]
 fn a_directory_holding_one_trace_directory_is_read() {
+    // `smartmoe-nested` holds `moe_trace/`, as the artifact's archive extracts.
+    let (t, _) = read("smartmoe-nested", &strict()).unwrap();
+    assert_fixture_shape(&t, 2);
     // `tests/fixtures/trace` holds several SmartMoE directories: ambiguous, so refused with the choices named.
     let e = read_trace(&fixture(""), &strict()).unwrap_err();
     assert!(matches!(e, TraceError::Empty { .. }), "{e}");
@@ -403,13 +406,4 @@ fn shared_smartmoe_trace() {
     let persistence = stats.overall.hottest_persistence.unwrap();
     println!("hottest-expert persistence across a 10-iteration gap: {:.1}%", persistence * 100.0);
     assert!(persistence > 0.9, "persistence {persistence}");
-}
-
-#[test]
-#[ignore]
-fn tmp_show() {
-    for n in ["smartmoe-truncated", "smartmoe-wrong-experts", "smartmoe-not-a-number", "smartmoe-missing-rank", "smartmoe-missing-layer", "smartmoe-empty", "truncated.csv", "wrong-experts.csv", "not-a-number.csv", "missing-rank.csv", "duplicate.csv", "no-header.csv", "empty.csv", "truncated.jsonl", "wrong-experts.jsonl", "not-a-number.jsonl", "missing-rank.jsonl", "empty.jsonl"] {
-        println!("{}", read(n, &strict()).unwrap_err());
-        if let Ok((_, sk)) = read(n, &lenient()) { for s in sk { println!("   skipped: {s}"); } }
-    }
 }

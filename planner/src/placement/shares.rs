@@ -1,0 +1,217 @@
+//! Token shares for replicas: given where the replicas are, split each replicated expert's tokens over its
+//! replicas so that the busiest GPU carries as little as possible. With even splits a hot expert's replicas are
+//! all the same size and cannot fill the gaps between GPUs; with shares they can: this is a fractional
+//! makespan problem on restricted machines, solved exactly by bisection on the busiest load with a max-flow
+//! feasibility test (source -> expert, capacity its load; expert -> each GPU holding it; GPU -> sink, capacity
+//! the target minus what its single-copy experts already put there).
+
+use switchyard_cost::{Placement, PlacementError};
+
+/// Per flexible expert, the (GPU, edge id) of its edges in the flow network.
+type ExpertEdges = Vec<Vec<(usize, usize)>>;
+
+/// Dinic's max-flow on a small graph with `f64` capacities.
+struct Flow {
+    adj: Vec<Vec<usize>>,
+    to: Vec<usize>,
+    cap: Vec<f64>,
+}
+
+impl Flow {
+    fn new(n: usize) -> Self {
+        Flow { adj: vec![Vec::new(); n], to: Vec::new(), cap: Vec::new() }
+    }
+
+    fn edge(&mut self, a: usize, b: usize, c: f64) -> usize {
+        self.adj[a].push(self.to.len());
+        self.to.push(b);
+        self.cap.push(c);
+        self.adj[b].push(self.to.len());
+        self.to.push(a);
+        self.cap.push(0.0);
+        self.to.len() - 2
+    }
+
+    fn max_flow(&mut self, s: usize, t: usize) -> f64 {
+        let n = self.adj.len();
+        let mut total = 0.0;
+        loop {
+            let mut level = vec![usize::MAX; n];
+            level[s] = 0;
+            let mut q = std::collections::VecDeque::from([s]);
+            while let Some(v) = q.pop_front() {
+                for &e in &self.adj[v] {
+                    if self.cap[e] > 1e-12 && level[self.to[e]] == usize::MAX {
+                        level[self.to[e]] = level[v] + 1;
+                        q.push_back(self.to[e]);
+                    }
+                }
+            }
+            if level[t] == usize::MAX {
+                return total;
+            }
+            let mut it = vec![0usize; n];
+            loop {
+                let f = self.dfs(s, t, f64::INFINITY, &level, &mut it);
+                if f <= 1e-12 {
+                    break;
+                }
+                total += f;
+            }
+        }
+    }
+
+    fn dfs(&mut self, v: usize, t: usize, f: f64, level: &[usize], it: &mut [usize]) -> f64 {
+        if v == t {
+            return f;
+        }
+        while it[v] < self.adj[v].len() {
+            let e = self.adj[v][it[v]];
+            let w = self.to[e];
+            if self.cap[e] > 1e-12 && level[w] == level[v] + 1 {
+                let d = self.dfs(w, t, f.min(self.cap[e]), level, it);
+                if d > 1e-12 {
+                    self.cap[e] -= d;
+                    self.cap[e ^ 1] += d;
+                    return d;
+                }
+            }
+            it[v] += 1;
+        }
+        0.0
+    }
+}
+
+/// The placement with the token shares that minimise the busiest GPU's load for `loads` (per expert), and that
+/// load. Experts on a single GPU keep all their tokens there.
+pub fn balance_shares(placement: &Placement, loads: &[f64]) -> Result<(Placement, f64), PlacementError> {
+    let g = placement.gpus;
+    let e = placement.experts;
+    let loads: Vec<f64> =
+        (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
+    // Distinct GPUs of each expert.
+    let mut homes: Vec<Vec<usize>> = vec![Vec::new(); e];
+    for (slot, &x) in placement.slots.iter().enumerate() {
+        let gpu = placement.gpu_of_slot(slot);
+        if !homes[x as usize].contains(&gpu) {
+            homes[x as usize].push(gpu);
+        }
+    }
+    let mut base = vec![0.0; g];
+    let flex: Vec<usize> = (0..e).filter(|&x| homes[x].len() > 1 && loads[x] > 0.0).collect();
+    for x in 0..e {
+        if homes[x].len() == 1 {
+            base[homes[x][0]] += loads[x];
+        }
+    }
+    let flex_total: f64 = flex.iter().map(|&x| loads[x]).sum();
+    // Flow network for a target: node 0 source, 1..=F experts, then GPUs, then the sink.
+    let build = |target: f64| -> (Flow, ExpertEdges, bool) {
+        let n = 2 + flex.len() + g;
+        let sink = n - 1;
+        let mut f = Flow::new(n);
+        let mut edges = vec![Vec::new(); flex.len()];
+        for (i, &x) in flex.iter().enumerate() {
+            f.edge(0, 1 + i, loads[x]);
+            for &gpu in &homes[x] {
+                let id = f.edge(1 + i, 1 + flex.len() + gpu, f64::INFINITY);
+                edges[i].push((gpu, id));
+            }
+        }
+        let mut ok = true;
+        for (gpu, &b) in base.iter().enumerate() {
+            let room = target - b;
+            if room < -1e-9 * target.max(1.0) {
+                ok = false;
+            }
+            f.edge(1 + flex.len() + gpu, sink, room.max(0.0));
+        }
+        (f, edges, ok)
+    };
+    let feasible = |target: f64| -> Option<(Flow, ExpertEdges)> {
+        let (mut f, edges, ok) = build(target);
+        if !ok {
+            return None;
+        }
+        let sink = f.adj.len() - 1;
+        let got = f.max_flow(0, sink);
+        (got >= flex_total * (1.0 - 1e-9) - 1e-9).then_some((f, edges))
+    };
+    let even = placement.gpu_loads(&loads).into_iter().fold(0.0, f64::max);
+    let mut lo = base.iter().copied().fold((base.iter().sum::<f64>() + flex_total) / g as f64, f64::max);
+    let mut hi = even.max(lo);
+    let mut best = feasible(hi);
+    if flex.is_empty() || best.is_none() {
+        return Ok((placement.clone(), even));
+    }
+    for _ in 0..40 {
+        if hi - lo <= 1e-7 * hi.max(1.0) {
+            break;
+        }
+        let mid = 0.5 * (lo + hi);
+        match feasible(mid) {
+            Some(sol) => {
+                hi = mid;
+                best = Some(sol);
+            }
+            None => lo = mid,
+        }
+    }
+    let (f, edges) = best.expect("the even split is feasible");
+    // Shares: the flow to each GPU, split evenly among the expert's slots there.
+    let mut frac = vec![0.0; placement.slots.len()];
+    let slots_of = placement.expert_slots();
+    for x in 0..e {
+        let on = |gpu: usize| slots_of[x].iter().filter(|&&s| placement.gpu_of_slot(s) == gpu).count() as f64;
+        match flex.iter().position(|&y| y == x) {
+            Some(i) => {
+                for &(gpu, id) in &edges[i] {
+                    let sent = f.cap[id ^ 1];
+                    for &s in slots_of[x].iter().filter(|&&s| placement.gpu_of_slot(s) == gpu) {
+                        frac[s] = sent / loads[x] / on(gpu);
+                    }
+                }
+            }
+            None => {
+                for &s in &slots_of[x] {
+                    frac[s] = 1.0;
+                }
+            }
+        }
+    }
+    let p = placement.clone().with_shares(&frac)?;
+    let max = p.gpu_loads(&loads).into_iter().fold(0.0, f64::max);
+    Ok((p, max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn shares_fill_the_gaps() {
+        // GPU0: e0 (100), e1 (10); GPU1: e0, e2 (30). Even split: 60 / 80. Best: GPU0 = GPU1 = 70.
+        let p = Placement::new(2, 2, 3, vec![0, 1, 0, 2]).unwrap();
+        let (q, max) = balance_shares(&p, &[100.0, 10.0, 30.0]).unwrap();
+        assert!((max - 70.0).abs() < 1e-3, "{max}");
+        let l = q.gpu_loads(&[100.0, 10.0, 30.0]);
+        assert!((l[0] - 70.0).abs() < 1e-3 && (l[1] - 70.0).abs() < 1e-3, "{l:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn never_worse_than_even_and_conserves_load(loads in proptest::collection::vec(0.0f64..1000.0, 2..24), gpus in 2usize..9, extra in 1usize..3) {
+            let slots = loads.len().div_ceil(gpus) + extra;
+            let p = crate::placement::balanced_placement(&loads, gpus, slots).unwrap();
+            let even = p.gpu_loads(&loads).into_iter().fold(0.0, f64::max);
+            let (q, max) = balance_shares(&p, &loads).unwrap();
+            q.check().unwrap();
+            prop_assert_eq!(&q.slots, &p.slots);
+            prop_assert!(max <= even * (1.0 + 1e-5) + 1e-6, "{} > {}", max, even);
+            let total: f64 = q.gpu_loads(&loads).iter().sum();
+            prop_assert!((total - loads.iter().sum::<f64>()).abs() < 1e-3 * (1.0 + total));
+        }
+    }
+}
