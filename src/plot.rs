@@ -21,9 +21,18 @@ fn e<E: std::fmt::Display>(x: E) -> anyhow::Error {
     anyhow!("{x}")
 }
 
+/// One line of a line plot.
+pub struct Line {
+    /// Legend label.
+    pub label: String,
+    /// (x, y) points.
+    pub points: Vec<(f64, f64)>,
+}
+
 /// What to draw.
 enum Figure<'a> {
     Scatter { title: &'a str, real: &'a [f64], est: &'a [f64] },
+    Lines { title: &'a str, x_desc: &'a str, y_desc: &'a str, series: &'a [Line] },
 }
 
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
@@ -54,6 +63,45 @@ where
                 .draw_series(real.iter().zip(est.iter()).map(|(&x, &y)| Circle::new((x, y), 3, BLUE.mix(0.5).filled())))
                 .map_err(e)?;
         }
+        Figure::Lines { title, x_desc, y_desc, series } => {
+            let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+            for &(x, y) in series.iter().flat_map(|s| s.points.iter()) {
+                x0 = x0.min(x);
+                x1 = x1.max(x);
+                y0 = y0.min(y);
+                y1 = y1.max(y);
+            }
+            if !x0.is_finite() {
+                (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+            }
+            if x1 <= x0 {
+                x1 = x0 + 1.0;
+            }
+            let (y0, y1) = (y0.min(0.0), y1 + ((y1 - y0) * 0.05).max(1e-9));
+            let mut chart = ChartBuilder::on(&root)
+                .caption(*title, ("sans-serif", 22))
+                .margin(15)
+                .x_label_area_size(45)
+                .y_label_area_size(65)
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(e)?;
+            chart.configure_mesh().x_desc(*x_desc).y_desc(*y_desc).label_style(("sans-serif", 14)).draw().map_err(e)?;
+            for (i, s) in series.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                    .map_err(e)?
+                    .label(s.label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(e)?;
+        }
     }
     root.present().map_err(e)?;
     Ok(())
@@ -76,4 +124,9 @@ fn write_both(stem: &Path, fig: &Figure) -> Result<Vec<String>> {
 /// A scatter plot of estimates against measurements with the y = x line, as `<stem>.png` and `<stem>.svg`.
 pub fn scatter_estimate_vs_real(stem: &Path, title: &str, real: &[f64], est: &[f64]) -> Result<Vec<String>> {
     write_both(stem, &Figure::Scatter { title, real, est })
+}
+
+/// A line plot of several series, as `<stem>.png` and `<stem>.svg`.
+pub fn lines(stem: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Line]) -> Result<Vec<String>> {
+    write_both(stem, &Figure::Lines { title, x_desc, y_desc, series })
 }

@@ -326,6 +326,8 @@ pub struct PolicyState {
     pub regret_ms: f64,
     /// Iteration the regret was last updated at.
     pub regret_at: Option<u64>,
+    /// Iteration of the last switch, or of the first decision before any switch.
+    pub last_switch: Option<u64>,
 }
 
 /// A decision.
@@ -358,7 +360,8 @@ pub struct PolicyConfig {
     pub predictor: Predictor,
 }
 
-/// Decides at `iteration` from the per-layer histories (`history[layer]`, oldest first, up to what has been
+/// Decides at `iteration` from the per-layer histories (dyn.N: a switch must pay back its migration within
+/// `max(N, iterations the current placement has lasted)` iterations) (`history[layer]`, oldest first, up to what has been
 /// observed) given the current placements. `iterations_since` is how many iterations have passed since the
 /// previous call (dyn.auto accumulates its regret over them).
 pub fn decide(
@@ -388,6 +391,7 @@ pub fn decide(
         return keep();
     }
     state.last_decision = Some(iteration);
+    state.last_switch.get_or_insert(iteration);
     let mut proposals = Vec::with_capacity(current.len());
     let (mut gain, mut mig_ms, mut bytes, mut transfers) = (0.0, 0.0, 0.0, 0);
     for ((h, cur), c) in history.iter().zip(current).zip(ctx) {
@@ -401,9 +405,12 @@ pub fn decide(
             counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
         };
         let before = c.iteration_ms(&pm, cur);
-        // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes).
+        // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes). A new
+        // placement serves until the load moves on: expect it to last at least the next N iterations, and as
+        // long as the current one has lasted so far.
+        let lasted = iteration.saturating_sub(state.last_switch.unwrap_or(iteration));
         let horizon = match cfg.frequency {
-            Frequency::Every { n } => n.max(1) as f64,
+            Frequency::Every { n } => n.max(lasted).max(1) as f64,
             _ => iterations_since.max(1) as f64,
         };
         let mut best: Option<(f64, f64, Migration, Placement)> = None;
@@ -422,9 +429,10 @@ pub fn decide(
         transfers += m.transfers;
         proposals.push(p);
     }
+    let lasted = iteration.saturating_sub(state.last_switch.unwrap_or(iteration));
     let switch = match cfg.frequency {
         Frequency::Never => false,
-        Frequency::Every { n } => gain > 0.0 && gain * n as f64 > mig_ms,
+        Frequency::Every { n } => gain > 0.0 && gain * n.max(lasted).max(1) as f64 > mig_ms,
         Frequency::Auto => {
             state.regret_ms += gain.max(0.0) * iterations_since.max(1) as f64;
             state.regret_at = Some(iteration);
@@ -433,6 +441,7 @@ pub fn decide(
     };
     if switch {
         state.regret_ms = 0.0;
+        state.last_switch = Some(iteration);
         Decision {
             evaluated: true,
             switch,

@@ -5,8 +5,10 @@ mod calibrate;
 mod plan;
 mod presets;
 mod progress;
+mod report;
 mod simulate;
 mod specs;
+mod trace;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,11 @@ enum Command {
     Validate(calibrate::ValidateArgs),
     /// Replay a routing trace under a placement policy and a re-planning frequency.
     Simulate(simulate::SimulateArgs),
+    /// Replay a trace under every algorithm and frequency: markdown table, JSON and plots.
+    Report(report::ReportArgs),
+    /// Routing traces.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
     /// Show the link classes of a cluster's topology graph.
     Topology(presets::TopologyArgs),
     /// Benchmarks of Switchyard's own components.
@@ -45,6 +52,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topology(a) => presets::run_topology(a),
         Command::Calibrate(a) => calibrate::run_calibrate(a),
         Command::Simulate(a) => simulate::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Trace(c) => trace::run(c),
         Command::Validate(a) => calibrate::run_validate(a),
         Command::Bench(b) => bench::run(b),
     }
