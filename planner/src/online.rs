@@ -3,6 +3,7 @@
 //! experts costs, and decide. A plain function (history in, decision out) that the simulator and the runtime
 //! share.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use switchyard_cost::cost::comm::all_to_all_time_s;
 use switchyard_cost::cost::{Fabric, MoeLayerShape, moe_layer_exact};
@@ -155,8 +156,14 @@ impl LayerContext {
         crate::placement::shares::balance_shares(placement, &loads).map(|x| x.0).unwrap_or_else(|_| placement.clone())
     }
 
-    /// Modelled time (ms) of one iteration of this layer under `load` (a whole iteration's tokens).
+    /// Modelled time (ms) of one iteration of this layer under `load` (a whole iteration's tokens), the
+    /// placement serving it as it would at run time (with dynamic shares: rebalanced for this load).
     pub fn iteration_ms(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
+        self.iteration_ms_as_placed(load, &self.serving(load, placement))
+    }
+
+    /// Modelled time (ms) of one iteration with the placement exactly as given (its shares as they are).
+    pub fn iteration_ms_as_placed(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
         let mb = self.micro_batches.max(1);
         let per = if mb == 1 {
             load.clone()
@@ -168,7 +175,6 @@ impl LayerContext {
             }
         };
         // Compute, all-to-all and fixed costs repeat per micro-batch; replica gradients are reduced once.
-        let placement = &self.serving(load, placement);
         moe_layer_exact(&self.shape, &per, placement, &self.gpus, &self.fabric, &self.constants, self.hierarchical)
             .map(|t| (t.total_ms - t.replica_sync_ms) * mb as f64 + t.replica_sync_ms)
             .unwrap_or(f64::INFINITY)
@@ -392,44 +398,52 @@ pub fn decide(
     }
     state.last_decision = Some(iteration);
     state.last_switch.get_or_insert(iteration);
-    let mut proposals = Vec::with_capacity(current.len());
-    let (mut gain, mut mig_ms, mut bytes, mut transfers) = (0.0, 0.0, 0.0, 0);
-    for ((h, cur), c) in history.iter().zip(current).zip(ctx) {
-        let Some(pred) = cfg.predictor.predict(h) else {
-            proposals.push(cur.clone());
-            continue;
-        };
-        let pm = LoadMatrix {
-            ranks: pred.len(),
-            experts: cur.experts,
-            counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
-        };
-        let before = c.iteration_ms(&pm, cur);
-        // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes). A new
-        // placement serves until the load moves on: expect it to last at least the next N iterations, and as
-        // long as the current one has lasted so far.
-        let lasted = iteration.saturating_sub(state.last_switch.unwrap_or(iteration));
-        let horizon = match cfg.frequency {
-            Frequency::Every { n } => n.max(lasted).max(1) as f64,
-            _ => iterations_since.max(1) as f64,
-        };
-        let mut best: Option<(f64, f64, Migration, Placement)> = None;
-        for p in candidates(cfg.algorithm, &pred, cur, c) {
-            let g = before - c.iteration_ms(&pm, &p);
-            let m = migration(cur, &p, c);
-            let net = g * horizon - m.time_ms;
-            if best.as_ref().is_none_or(|b| net > b.0 + 1e-9 || (net >= b.0 - 1e-9 && m.bytes < b.2.bytes)) {
-                best = Some((net, g, m, p));
+    // Layers are independent: evaluate them in parallel.
+    let lasted = iteration.saturating_sub(state.last_switch.unwrap_or(iteration));
+    let per_layer: Vec<(f64, Migration, Placement)> = history
+        .par_iter()
+        .zip(current.par_iter())
+        .zip(ctx.par_iter())
+        .map(|((h, cur), c)| {
+            let Some(pred) = cfg.predictor.predict(h) else {
+                return (0.0, Migration::default(), cur.clone());
+            };
+            let pm = LoadMatrix {
+                ranks: pred.len(),
+                experts: cur.experts,
+                counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
+            };
+            let before = c.iteration_ms(&pm, cur);
+            // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes). A
+            // new placement serves until the load moves on: expect it to last at least the next N iterations,
+            // and as long as the current one has lasted so far.
+            let horizon = match cfg.frequency {
+                Frequency::Every { n } => n.max(lasted).max(1) as f64,
+                _ => iterations_since.max(1) as f64,
+            };
+            let mut best: Option<(f64, f64, Migration, Placement)> = None;
+            for p in candidates(cfg.algorithm, &pred, cur, c) {
+                // Candidates already carry the shares that balance the predicted load.
+                let g = before - c.iteration_ms_as_placed(&pm, &p);
+                let m = migration(cur, &p, c);
+                let net = g * horizon - m.time_ms;
+                if best.as_ref().is_none_or(|b| net > b.0 + 1e-9 || (net >= b.0 - 1e-9 && m.bytes < b.2.bytes)) {
+                    best = Some((net, g, m, p));
+                }
             }
-        }
-        let (_, g, m, p) = best.expect("at least one candidate");
+            let (_, g, m, p) = best.expect("at least one candidate");
+            (g, m, p)
+        })
+        .collect();
+    let (mut gain, mut mig_ms, mut bytes, mut transfers) = (0.0, 0.0, 0.0, 0);
+    let mut proposals = Vec::with_capacity(current.len());
+    for (g, m, p) in per_layer {
         gain += g;
         mig_ms += m.time_ms;
         bytes += m.bytes;
         transfers += m.transfers;
         proposals.push(p);
     }
-    let lasted = iteration.saturating_sub(state.last_switch.unwrap_or(iteration));
     let switch = match cfg.frequency {
         Frequency::Never => false,
         Frequency::Every { n } => gain > 0.0 && gain * n.max(lasted).max(1) as f64 > mig_ms,

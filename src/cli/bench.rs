@@ -16,6 +16,31 @@ use super::specs::{load_cluster, load_model};
 pub enum BenchCommand {
     /// Time the planner: enumerate and price every plan of a model on a cluster.
     Planner(PlannerBenchArgs),
+    /// Time one online decision for every MoE layer of a large model (default: 256 experts on 64 GPUs, 58 layers).
+    Decision(DecisionBenchArgs),
+}
+
+/// Arguments of `switchyard bench decision`.
+#[derive(Debug, Args)]
+pub struct DecisionBenchArgs {
+    /// Experts per MoE layer.
+    #[arg(long, default_value_t = 256)]
+    experts: usize,
+    /// GPUs of the expert-parallel group.
+    #[arg(long, default_value_t = 64)]
+    gpus: usize,
+    /// MoE layers.
+    #[arg(long, default_value_t = 58)]
+    layers: usize,
+    /// Spare slots per GPU beyond experts / GPUs.
+    #[arg(long, default_value_t = 1)]
+    spare_slots: usize,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of `switchyard bench planner`.
@@ -45,6 +70,7 @@ pub struct PlannerBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Planner(a) => planner(a),
+        BenchCommand::Decision(a) => decision(a),
     }
 }
 
@@ -147,6 +173,141 @@ fn planner(a: PlannerBenchArgs) -> Result<()> {
     );
     if let Some(p) = r.plans.first() {
         println!("  best: {} at {:.1} ms per iteration", p.layout, p.predicted_iter_ms);
+    }
+    Ok(())
+}
+
+/// Skewed routing for the decision benchmark: Zipf-like expert popularity, permuted per layer, with noise per
+/// source rank; fixed seed.
+fn synthetic_loads(experts: usize, gpus: usize, layer: usize, step: u64) -> switchyard_cost::LoadMatrix {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (layer as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let perm: Vec<usize> = {
+        let mut p: Vec<usize> = (0..experts).collect();
+        for i in (1..experts).rev() {
+            let j = ((layer * 7919 + i * 104_729) % (i + 1)).min(i);
+            p.swap(i, j);
+        }
+        p
+    };
+    let tokens_per_rank = 4096.0 * 8.0;
+    let rows: Vec<Vec<u64>> = (0..gpus)
+        .map(|_| {
+            let w: Vec<f64> =
+                (0..experts).map(|e| (1.0 / (perm[e] as f64 + 1.0).powf(1.1)) * (0.8 + 0.4 * next())).collect();
+            let s: f64 = w.iter().sum();
+            w.iter().map(|x| (x / s * tokens_per_rank).round() as u64).collect()
+        })
+        .collect();
+    switchyard_cost::LoadMatrix::from_rows(&rows).expect("rectangular")
+}
+
+fn decision(a: DecisionBenchArgs) -> Result<()> {
+    use switchyard_cost::cost::MoeLayerShape;
+    use switchyard_planner::online::{
+        Algorithm, Frequency, LayerContext, PolicyConfig, PolicyState, Predictor, decide,
+    };
+    let cluster = switchyard_cost::presets::cluster("dgx-h100")
+        .expect("preset")
+        .with_gpus(a.gpus as u32, &switchyard_cost::Source::Inline)?;
+    let slots = a.experts.div_ceil(a.gpus) + a.spare_slots;
+    // DeepSeek-V3's routed expert: 7168 -> 2048 (SwiGLU), bf16.
+    let shape = MoeLayerShape {
+        d_model: 7168,
+        d_ffn: 2048,
+        gated: true,
+        act_bytes: 2,
+        param_bytes: 2,
+        grad_bytes: 4,
+        peak_flops: 989e12,
+    };
+    let mut ctx1 = LayerContext::for_cluster(&cluster, shape, a.gpus, slots, 1);
+    ctx1.dynamic_shares = true;
+    let ctx = vec![ctx1; a.layers];
+    let history: Vec<Vec<switchyard_cost::LoadMatrix>> =
+        (0..a.layers).map(|l| (0..4).map(|k| synthetic_loads(a.experts, a.gpus, l, k)).collect()).collect();
+    let hist: Vec<Vec<&switchyard_cost::LoadMatrix>> = history.iter().map(|h| h.iter().collect()).collect();
+    let current: Vec<switchyard_cost::Placement> = (0..a.layers)
+        .map(|_| switchyard_cost::Placement::contiguous(a.gpus, slots, a.experts))
+        .collect::<Result<_, _>>()?;
+    let cfg = PolicyConfig {
+        algorithm: Algorithm::Switchyard,
+        frequency: Frequency::Every { n: 10 },
+        predictor: Predictor::WindowMean { window: 4 },
+    };
+    let run = || {
+        let t = Instant::now();
+        let d = decide(&cfg, &mut PolicyState::default(), 100, 10, &hist, &current, &ctx);
+        (t.elapsed().as_secs_f64() * 1e3, d)
+    };
+    let (first_ms, d) = run();
+    let (med, min, max) = median((0..a.repeat.max(1)).map(|_| run().0).collect());
+    // The placement step alone, per layer, for the same predicted loads (the part EPLB's algorithm does).
+    let loads: Vec<Vec<f64>> = history
+        .iter()
+        .map(|h| {
+            let mut v = vec![0.0; a.experts];
+            for m in h {
+                for (x, y) in v.iter_mut().zip(m.expert_loads()) {
+                    *x += y as f64 / h.len() as f64;
+                }
+            }
+            v
+        })
+        .collect();
+    let opts = switchyard_planner::placement::switchyard::SwitchyardOptions { gpus_per_node: 8, ..Default::default() };
+    let place_ms = median(
+        (0..a.repeat.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                for (l, cur) in loads.iter().zip(&current) {
+                    std::hint::black_box(
+                        switchyard_planner::placement::switchyard::switchyard_placement(
+                            l,
+                            None,
+                            Some(cur),
+                            a.gpus,
+                            slots,
+                            &opts,
+                        )
+                        .ok(),
+                    );
+                }
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let out = json!({
+        "experts": a.experts, "gpus": a.gpus, "layers": a.layers, "slots_per_gpu": slots,
+        "decision_median_ms": med, "decision_min_ms": min, "decision_max_ms": max, "first_run_ms": first_ms,
+        "placement_only_median_ms": place_ms.0, "switch": d.switch, "gain_ms_per_iter": d.gain_ms_per_iter,
+        "migration_ms": d.migration_ms, "target_ms": 5.0,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "decision for {} layers x {} experts on {} GPUs ({} slots each): {:.2} ms median of {} (min {:.2}, max {:.2}, first {:.2}); placement alone {:.2} ms; target 5 ms",
+            a.layers,
+            a.experts,
+            a.gpus,
+            slots,
+            med,
+            a.repeat.max(1),
+            min,
+            max,
+            first_ms,
+            place_ms.0
+        );
+        println!(
+            "  predicted gain {:.2} ms per iteration against a {:.2} ms migration: switch = {}",
+            d.gain_ms_per_iter, d.migration_ms, d.switch
+        );
     }
     Ok(())
 }

@@ -39,7 +39,8 @@ pub fn all_to_all_time_s(bytes: &[Vec<f64>], gpus: &[u32], fabric: &Fabric, hier
     if g <= 1 {
         return 0.0;
     }
-    let node = |i: usize| fabric.node_of(gpus[i]);
+    let node_of: Vec<u32> = gpus.iter().map(|&x| fabric.node_of(x)).collect();
+    let node = |i: usize| node_of[i];
     let mut intra_send = vec![0.0; g];
     let mut intra_recv = vec![0.0; g];
     let mut nodes: Vec<u32> = gpus.iter().map(|&x| fabric.node_of(x)).collect();
@@ -48,9 +49,10 @@ pub fn all_to_all_time_s(bytes: &[Vec<f64>], gpus: &[u32], fabric: &Fabric, hier
     let nidx = |n: u32| nodes.binary_search(&n).unwrap_or(0);
     let mut inter_send = vec![0.0; nodes.len()];
     let mut inter_recv = vec![0.0; nodes.len()];
+    let nix: Vec<usize> = (0..g).map(|i| nidx(node(i))).collect();
     let mut gpus_on_node = vec![0u32; nodes.len()];
-    for i in 0..g {
-        gpus_on_node[nidx(node(i))] += 1;
+    for &n in &nix {
+        gpus_on_node[n] += 1;
     }
     let mut max_peers_intra = 0usize;
     let mut max_peers_inter = 0usize;
@@ -61,13 +63,13 @@ pub fn all_to_all_time_s(bytes: &[Vec<f64>], gpus: &[u32], fabric: &Fabric, hier
             if s == d || b <= 0.0 {
                 continue;
             }
-            if node(s) == node(d) {
+            if nix[s] == nix[d] {
                 intra_send[s] += b;
                 intra_recv[d] += b;
                 pi += 1;
             } else {
-                inter_send[nidx(node(s))] += b;
-                inter_recv[nidx(node(d))] += b;
+                inter_send[nix[s]] += b;
+                inter_recv[nix[d]] += b;
                 if hierarchical {
                     // Gathered to the GPU that talks to node(d), and scattered on arrival.
                     intra_send[s] += b;
@@ -80,7 +82,7 @@ pub fn all_to_all_time_s(bytes: &[Vec<f64>], gpus: &[u32], fabric: &Fabric, hier
         max_peers_inter = max_peers_inter.max(pe);
     }
     let intra_bw = |n: usize| fabric.intra_link(gpus_on_node[n]).per_gpu_bytes_per_s;
-    let intra = (0..g).map(|i| intra_send[i].max(intra_recv[i]) / intra_bw(nidx(node(i)))).fold(0.0, f64::max);
+    let intra = (0..g).map(|i| intra_send[i].max(intra_recv[i]) / intra_bw(nix[i])).fold(0.0, f64::max);
     let inter = (0..nodes.len())
         .map(|n| inter_send[n].max(inter_recv[n]) / fabric.node_inter_bytes_per_s(gpus_on_node[n]))
         .fold(0.0, f64::max);

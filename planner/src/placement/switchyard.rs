@@ -80,15 +80,27 @@ pub fn switchyard_placement(
     let mut gpu_load = vec![0.0f64; gpus];
     let mut bins: Vec<Vec<u32>> = vec![Vec::with_capacity(slots_per_gpu); gpus];
     let mut node_has = vec![vec![0u32; e]; nodes];
+    // GPUs with a free slot, ordered by load (non-negative f64 bit patterns order like the values).
+    let key = |l: f64| l.max(0.0).to_bits();
+    let mut open: std::collections::BTreeSet<(u64, usize)> = (0..gpus).map(|g| (key(0.0), g)).collect();
+    let mut window: Vec<usize> = Vec::new();
     for &ex in &items {
         let wx = w(ex, &cnt);
-        let free = |g: &usize| bins[*g].len() < slots_per_gpu;
-        let Some(least) = (0..gpus).filter(free).map(|g| gpu_load[g]).min_by(f64::total_cmp) else { break };
+        let Some(&(least_bits, _)) = open.first() else { break };
+        let least = f64::from_bits(least_bits);
         // Candidates: free GPUs within the tolerance of the least load, not holding this expert already.
-        let best = (0..gpus)
-            .filter(|g| free(g) && gpu_load[*g] <= least + tol && !bins[*g].contains(&ex))
+        window.clear();
+        window.extend(
+            open.iter()
+                .take_while(|(l, _)| f64::from_bits(*l) <= least + tol)
+                .map(|&(_, g)| g)
+                .filter(|&g| !bins[g].contains(&ex)),
+        );
+        let best = window
+            .iter()
+            .copied()
             .max_by(|&a, &b| {
-                let key = |g: usize| {
+                let k = |g: usize| {
                     (
                         on_gpu(g, ex),
                         node_src[node_of(g)][ex as usize],
@@ -97,25 +109,30 @@ pub fn switchyard_placement(
                         std::cmp::Reverse(g),
                     )
                 };
-                let (ka, kb) = (key(a), key(b));
+                let (ka, kb) = (k(a), k(b));
                 ka.0.cmp(&kb.0)
                     .then(ka.1.total_cmp(&kb.1))
                     .then(ka.2.cmp(&kb.2))
                     .then(ka.3.total_cmp(&kb.3))
                     .then(ka.4.cmp(&kb.4))
             })
-            .or_else(|| (0..gpus).filter(free).min_by(|&a, &b| gpu_load[a].total_cmp(&gpu_load[b]).then(a.cmp(&b))))
-            .expect("a GPU has a free slot while replicas remain");
+            .unwrap_or_else(|| open.first().map(|&(_, g)| g).expect("a GPU has a free slot while replicas remain"));
+        open.remove(&(key(gpu_load[best]), best));
         bins[best].push(ex);
         gpu_load[best] += wx;
         node_has[node_of(best)][ex as usize] += 1;
+        if bins[best].len() < slots_per_gpu {
+            open.insert((key(gpu_load[best]), best));
+        }
     }
 
     // 3. Local search on the busiest GPU.
     let recompute = |bins: &[Vec<u32>], cnt: &[u32]| -> Vec<f64> {
         bins.iter().map(|b| b.iter().map(|&x| loads[x as usize] / cnt[x as usize] as f64).sum()).collect()
     };
-    for _ in 0..opts.max_rounds {
+    // With token shares the split fixes what packing leaves; the search then only has to mind the counts.
+    let rounds = if opts.token_shares { 0 } else { opts.max_rounds };
+    for _ in 0..rounds {
         let gmax = (0..gpus).max_by(|&a, &b| gpu_load[a].total_cmp(&gpu_load[b])).unwrap_or(0);
         let lmax = gpu_load[gmax];
         // Best swap between the busiest GPU and another.
