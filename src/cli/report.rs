@@ -57,6 +57,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     )?;
     writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
     let mut per_layer_lines = Vec::new();
+    let mut images: Vec<String> = Vec::new();
     for alg in &algs {
         let mut series = Vec::new();
         for f in &freqs {
@@ -108,7 +109,11 @@ pub fn run(a: ReportArgs) -> Result<()> {
             "ms per iteration",
             &series,
         )?;
-        writeln!(md, "\n![{} time per iteration](time-{}.png)", alg.name(), alg.name())?;
+        images.push(format!("![{} time per iteration](time-{}.png)", alg.name(), alg.name()));
+    }
+    writeln!(md)?;
+    for i in &images {
+        writeln!(md, "{i}\n")?;
     }
     plot::lines(
         &a.out.join("imbalance-per-layer"),
@@ -117,7 +122,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         "busiest / mean",
         &per_layer_lines,
     )?;
-    writeln!(md, "\n![imbalance per layer](imbalance-per-layer.png)")?;
+    writeln!(md, "![imbalance per layer](imbalance-per-layer.png)")?;
     std::fs::write(a.out.join("report.md"), &md)?;
     std::fs::write(
         a.out.join("report.json"),
