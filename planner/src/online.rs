@@ -74,6 +74,12 @@ impl Predictor {
 pub enum Algorithm {
     /// Contiguous placement, never changed.
     Static,
+    /// SmartMoE's greedy (permutation only), switching when the predicted busiest GPU improves.
+    Smartmoe,
+    /// DeepSeek's EPLB, global policy (one group, one node), applied at every decision.
+    Eplb,
+    /// DeepSeek's EPLB, hierarchical policy (expert groups packed onto nodes), applied at every decision.
+    EplbHierarchical,
     /// Switchyard's replication-, topology- and migration-aware placement with a cost/benefit switching rule.
     Switchyard,
 }
@@ -83,21 +89,34 @@ impl Algorithm {
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Static => "static",
+            Algorithm::Smartmoe => "smartmoe",
+            Algorithm::Eplb => "eplb",
+            Algorithm::EplbHierarchical => "eplb-hierarchical",
             Algorithm::Switchyard => "switchyard",
         }
+    }
+
+    /// Whether the algorithm's replicas take token shares (Switchyard) or split evenly (the baselines, as
+    /// published).
+    pub fn uses_token_shares(self) -> bool {
+        self == Algorithm::Switchyard
     }
 
     /// Parses a CLI name.
     pub fn parse(s: &str) -> Option<Algorithm> {
         match s {
             "static" => Some(Algorithm::Static),
+            "smartmoe" => Some(Algorithm::Smartmoe),
+            "eplb" => Some(Algorithm::Eplb),
+            "eplb-hierarchical" => Some(Algorithm::EplbHierarchical),
             "switchyard" => Some(Algorithm::Switchyard),
             _ => None,
         }
     }
 
     /// Every algorithm, for help texts.
-    pub const ALL: [Algorithm; 2] = [Algorithm::Static, Algorithm::Switchyard];
+    pub const ALL: [Algorithm; 5] =
+        [Algorithm::Static, Algorithm::Smartmoe, Algorithm::Eplb, Algorithm::EplbHierarchical, Algorithm::Switchyard];
 }
 
 /// What one MoE layer's cost terms need: its shape and where its expert-parallel group sits.
@@ -276,6 +295,31 @@ pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx:
     let slots = ctx.slots_per_gpu;
     let result = match alg {
         Algorithm::Static => return current.clone(),
+        Algorithm::Smartmoe => {
+            return crate::placement::smartmoe::smartmoe_greedy(&loads, current)
+                .map(|d| d.placement)
+                .unwrap_or_else(|_| current.clone());
+        }
+        Algorithm::Eplb | Algorithm::EplbHierarchical => {
+            let nodes = gpus.div_ceil(ctx.gpus_per_node.max(1)).max(1);
+            let (policy, groups) = if alg == Algorithm::Eplb {
+                (crate::placement::eplb::EplbPolicy::Global, 1)
+            } else {
+                // Groups: one per node's worth of experts, as DeepSeek-V3 groups experts for node-limited routing.
+                (crate::placement::eplb::EplbPolicy::Hierarchical, nodes)
+            };
+            return crate::placement::eplb::eplb(
+                std::slice::from_ref(&loads),
+                gpus * slots,
+                groups,
+                nodes,
+                gpus,
+                policy,
+            )
+            .ok()
+            .and_then(|t| crate::placement::eplb::to_placement(&t.phy2log[0], gpus, current.experts).ok())
+            .unwrap_or_else(|| current.clone());
+        }
         Algorithm::Switchyard => {
             let opts = SwitchyardOptions {
                 gpus_per_node: ctx.gpus_per_node,
@@ -444,10 +488,14 @@ pub fn decide(
         transfers += m.transfers;
         proposals.push(p);
     }
-    let switch = match cfg.frequency {
-        Frequency::Never => false,
-        Frequency::Every { n } => gain > 0.0 && gain * n.max(lasted).max(1) as f64 > mig_ms,
-        Frequency::Auto => {
+    let changed = proposals.iter().zip(current).any(|(p, c)| p.slots != c.slots);
+    let switch = match (cfg.algorithm, cfg.frequency) {
+        (_, Frequency::Never) => false,
+        // The baselines follow their own published rules: SmartMoE's proposal is already accepted only when the
+        // busiest GPU improves, EPLB rebalances at every decision.
+        (Algorithm::Smartmoe | Algorithm::Eplb | Algorithm::EplbHierarchical, _) => changed,
+        (_, Frequency::Every { n }) => gain > 0.0 && gain * n.max(lasted).max(1) as f64 > mig_ms,
+        (_, Frequency::Auto) => {
             state.regret_ms += gain.max(0.0) * iterations_since.max(1) as f64;
             state.regret_at = Some(iteration);
             state.regret_ms > mig_ms && gain > 0.0

@@ -20,7 +20,7 @@ pub struct ReportArgs {
     #[arg(long = "dyn", default_value = "1,10,100,1000,auto")]
     dyn_list: String,
     /// Algorithms, comma-separated.
-    #[arg(long, default_value = "static,switchyard")]
+    #[arg(long, default_value = "static,smartmoe,eplb,switchyard")]
     algorithms: String,
     /// Output directory for report.md, report.json and the plots.
     #[arg(long, default_value = "out/report")]

@@ -58,7 +58,7 @@ pub struct SimSetup {
 pub struct SimulateArgs {
     #[command(flatten)]
     setup: SimSetup,
-    /// Placement algorithm.
+    /// Placement algorithm: static, smartmoe, eplb, eplb-hierarchical or switchyard.
     #[arg(long, default_value = "switchyard")]
     algorithm: String,
     /// Re-planning frequency: `N` iterations (dyn.N; 0 = never) or `auto`.
@@ -226,7 +226,13 @@ pub fn load(setup: &SimSetup) -> Result<Loaded> {
 pub fn run_one(l: &Loaded, alg: Algorithm, freq: Frequency, oracle: bool, quiet: bool) -> SimResult {
     let bar = LazyProgress::new(&format!("{} {}", alg.name(), freq.label()), quiet);
     let opts = SimOptions { policy: PolicyConfig { algorithm: alg, frequency: freq, predictor: l.predictor }, oracle };
-    let r = simulate(&l.trace, &l.initial, &l.ctx, &opts, &|d, t| bar.update(d as u64, t as u64));
+    // Only Switchyard's replicas take token shares; the baselines split evenly, as published.
+    let ctx: Vec<LayerContext> = l
+        .ctx
+        .iter()
+        .map(|c| LayerContext { dynamic_shares: c.dynamic_shares && alg.uses_token_shares(), ..c.clone() })
+        .collect();
+    let r = simulate(&l.trace, &l.initial, &ctx, &opts, &|d, t| bar.update(d as u64, t as u64));
     bar.finish();
     r
 }
