@@ -59,23 +59,6 @@ pub(crate) fn shape_str(dims: &[usize]) -> String {
     format!("[{}]", inner.join(", "))
 }
 
-/// Returns a [`KernelError::ShapeMismatch`] unless `actual == expected`.
-pub(crate) fn check_shape(
-    operand: &'static str,
-    expected: &[usize],
-    actual: &[usize],
-) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(KernelError::ShapeMismatch {
-            operand,
-            expected: shape_str(expected),
-            actual: shape_str(actual),
-        })
-    }
-}
-
 /// Returns a [`KernelError::ShapeMismatch`] unless a flat buffer has `expected` elements.
 pub(crate) fn check_len(operand: &'static str, dims: &[usize], len: usize) -> Result<()> {
     let expected: usize = dims.iter().product();

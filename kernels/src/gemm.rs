@@ -26,11 +26,7 @@ pub enum GemmBackend {
 impl GemmBackend {
     /// The backend used when none is named: `Blas` when the `blas` feature is on, else `PureRust`.
     pub fn default_for_build() -> Self {
-        if cfg!(feature = "blas") {
-            GemmBackend::Blas
-        } else {
-            GemmBackend::PureRust
-        }
+        if cfg!(feature = "blas") { GemmBackend::Blas } else { GemmBackend::PureRust }
     }
 
     /// Whether this build can run the backend.
@@ -71,10 +67,7 @@ pub struct Compute {
 impl Compute {
     /// Settings with the build's default backend.
     pub fn new(threads: usize) -> Self {
-        Self {
-            backend: GemmBackend::default_for_build(),
-            threads: threads.max(1),
-        }
+        Self { backend: GemmBackend::default_for_build(), threads: threads.max(1) }
     }
 
     /// Checks that the backend exists in this build and `threads >= 1`.
@@ -83,10 +76,7 @@ impl Compute {
             return Err(KernelError::BackendUnavailable(self.backend.name()));
         }
         if self.threads == 0 {
-            return Err(KernelError::InvalidConfig {
-                field: "threads",
-                reason: "must be at least 1".into(),
-            });
+            return Err(KernelError::InvalidConfig { field: "threads", reason: "must be at least 1".into() });
         }
         Ok(())
     }
@@ -156,14 +146,7 @@ fn needed_len(t: Trans, rows: usize, cols: usize, ld: usize) -> Option<usize> {
     Some((srows - 1) * ld + scols)
 }
 
-fn check_operand(
-    operand: &'static str,
-    t: Trans,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    len: usize,
-) -> Result<()> {
+fn check_operand(operand: &'static str, t: Trans, rows: usize, cols: usize, ld: usize, len: usize) -> Result<()> {
     match needed_len(t, rows, cols, ld) {
         Some(n) if n <= len => Ok(()),
         _ => Err(KernelError::ShapeMismatch {
@@ -243,11 +226,7 @@ fn pure_rust(
         Trans::No => (ldb as isize, 1),
         Trans::Yes => (1, ldb as isize),
     };
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: `sgemm` checked that every (row, col) addressed through these strides lies
     // inside the slices; `c` is borrowed mutably and does not alias `a` or `b`.
     unsafe {
@@ -401,15 +380,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn naive(
-        ta: Trans,
-        tb: Trans,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-    ) -> Vec<f64> {
+    fn naive(ta: Trans, tb: Trans, m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
             for j in 0..n {

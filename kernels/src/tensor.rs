@@ -14,11 +14,7 @@ pub struct Matrix {
 impl Matrix {
     /// A `rows x cols` matrix of zeros.
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Self {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        }
+        Self { rows, cols, data: vec![0.0; rows * cols] }
     }
 
     /// Wraps row-major data; an error unless `data.len() == rows * cols`.
@@ -54,33 +50,17 @@ impl Matrix {
 
     /// Row `i` (`None` when out of range).
     pub fn row(&self, i: usize) -> Option<&[f32]> {
-        if i < self.rows {
-            Some(&self.data[i * self.cols..(i + 1) * self.cols])
-        } else {
-            None
-        }
+        if i < self.rows { Some(&self.data[i * self.cols..(i + 1) * self.cols]) } else { None }
     }
 
     /// Element `(i, j)` (`None` when out of range).
     pub fn get(&self, i: usize, j: usize) -> Option<f32> {
-        if i < self.rows && j < self.cols {
-            Some(self.data[i * self.cols + j])
-        } else {
-            None
-        }
+        if i < self.rows && j < self.cols { Some(self.data[i * self.cols + j]) } else { None }
     }
 
     /// Consumes the matrix and returns its row-major elements.
     pub fn into_vec(self) -> Vec<f32> {
         self.data
-    }
-
-    /// Reshapes in place to `rows x cols`, reusing the allocation. Contents are unspecified
-    /// afterwards (old values are kept where they fit, new space is zero).
-    pub(crate) fn reshape_uninit(&mut self, rows: usize, cols: usize) {
-        self.rows = rows;
-        self.cols = cols;
-        set_len(&mut self.data, rows * cols);
     }
 }
 
@@ -92,10 +72,4 @@ pub(crate) fn set_len(v: &mut Vec<f32>, n: usize) {
     } else if v.len() < n {
         v.resize(n, 0.0);
     }
-}
-
-/// Makes `v` a zero buffer of `n` elements, reusing the allocation.
-pub(crate) fn set_zeros(v: &mut Vec<f32>, n: usize) {
-    set_len(v, n);
-    v.fill(0.0);
 }
