@@ -18,6 +18,47 @@ pub enum BenchCommand {
     Planner(PlannerBenchArgs),
     /// Time one online decision for every MoE layer of a large model (default: 256 experts on 64 GPUs, 58 layers).
     Decision(DecisionBenchArgs),
+    /// Time the CPU MoE layer forward and forward+backward against one plain GEMM of the same FLOPs (and,
+    /// with --torch-python, the same layer in PyTorch).
+    Kernels(KernelsBenchArgs),
+}
+
+/// Arguments of `switchyard bench kernels`.
+#[derive(Debug, Args)]
+pub struct KernelsBenchArgs {
+    /// Tokens per batch.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 512)]
+    d_model: usize,
+    /// Expert FFN width.
+    #[arg(long, default_value_t = 2048)]
+    d_ffn: usize,
+    /// Experts.
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Capacity factor.
+    #[arg(long, default_value_t = 1.25)]
+    capacity_factor: f32,
+    /// Threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// SwiGLU experts instead of GELU.
+    #[arg(long)]
+    swiglu: bool,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 5)]
+    iterations: usize,
+    /// Python with torch installed (kernels/bench/setup_torch_venv.sh makes one): runs PyTorch in the same run.
+    #[arg(long)]
+    torch_python: Option<std::path::PathBuf>,
+    /// Print JSON (with `fwd_bwd_ratio_to_gemm`).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of `switchyard bench decision`.
@@ -71,6 +112,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Planner(a) => planner(a),
         BenchCommand::Decision(a) => decision(a),
+        BenchCommand::Kernels(a) => kernels(a),
     }
 }
 
@@ -308,6 +350,53 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
             "  predicted gain {:.2} ms per iteration against a {:.2} ms migration: switch = {}",
             d.gain_ms_per_iter, d.migration_ms, d.switch
         );
+    }
+    Ok(())
+}
+
+fn kernels(a: KernelsBenchArgs) -> Result<()> {
+    use switchyard_kernels::{Activation, KernelBenchConfig, run_kernel_bench};
+    let cfg = KernelBenchConfig {
+        tokens: a.tokens,
+        d_model: a.d_model,
+        d_ffn: a.d_ffn,
+        experts: a.experts,
+        top_k: a.top_k,
+        capacity_factor: a.capacity_factor,
+        threads: a.threads.max(1),
+        activation: if a.swiglu { Activation::SwiGlu } else { Activation::Gelu },
+        iterations: a.iterations.max(1),
+        torch_python: a.torch_python.clone(),
+        ..KernelBenchConfig::default()
+    };
+    let r = run_kernel_bench(&cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "MoE layer, {} tokens, d {}, h {}, {} experts, top-{}, capacity factor {} ({} routed, {} dropped), {} thread(s), {}:",
+        a.tokens,
+        a.d_model,
+        a.d_ffn,
+        a.experts,
+        a.top_k,
+        a.capacity_factor,
+        r.routed_tokens,
+        r.dropped_tokens,
+        r.threads,
+        r.backend
+    );
+    println!(
+        "  forward {:.1} ms ({:.1} GFLOP/s in expert GEMMs, {:.2}x a plain GEMM's rate)",
+        r.forward_ms, r.expert_gemm_gflops_forward, r.fwd_ratio_to_gemm
+    );
+    println!(
+        "  forward+backward {:.1} ms ({:.1} GFLOP/s, {:.2}x the plain GEMM's {:.1} GFLOP/s)",
+        r.fwd_bwd_ms, r.expert_gemm_gflops_fwd_bwd, r.fwd_bwd_ratio_to_gemm, r.plain_gemm_gflops
+    );
+    if let Some(s) = r.speedup_vs_torch_fwd_bwd {
+        println!("  {s:.2}x faster than the same layer in PyTorch (forward+backward)");
     }
     Ok(())
 }
