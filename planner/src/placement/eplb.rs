@@ -97,13 +97,7 @@ pub fn replicate_experts(weights: &[f64], phys: usize) -> Result<Replication, Ep
 }
 
 /// One layer of the hierarchical policy. Returns (phy2log, phy rank, logcnt).
-fn hierarchical(
-    w: &[f64],
-    phys: usize,
-    groups: usize,
-    nodes: usize,
-    gpus: usize,
-) -> Result<Replication, EplbError> {
+fn hierarchical(w: &[f64], phys: usize, groups: usize, nodes: usize, gpus: usize) -> Result<Replication, EplbError> {
     let e = w.len();
     let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(EplbError(what.to_string())) };
     check(groups > 0 && e.is_multiple_of(groups), "groups must divide the experts")?;
