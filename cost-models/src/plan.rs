@@ -225,12 +225,19 @@ impl ParallelPlan {
     }
 }
 
+/// A valid plan of `gpt-moe-l8-h2048-e32` on two nodes of 8 A100s (tp1 pp2 dp8, ep8 with 4 slots), shared by
+/// the crate's tests.
+#[cfg(test)]
+pub(crate) fn test_plan() -> ParallelPlan {
+    tests::base()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::presets;
 
-    fn base() -> ParallelPlan {
+    pub(super) fn base() -> ParallelPlan {
         ParallelPlan {
             tp: 1,
             pp: 2,

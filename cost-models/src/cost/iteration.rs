@@ -352,7 +352,6 @@ pub fn price_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Recompute;
     use crate::presets;
 
     fn setup() -> (ModelSpec, ClusterSpec, Fabric, ModelTables) {
@@ -364,21 +363,7 @@ mod tests {
     }
 
     fn plan() -> ParallelPlan {
-        ParallelPlan {
-            tp: 1,
-            pp: 2,
-            dp: 8,
-            ep: 8,
-            etp: 1,
-            edp: 1,
-            slots_per_gpu: 4,
-            micro_batch_size: 4,
-            num_micro_batches: 8,
-            recompute: Recompute::None,
-            distributed_optimizer: false,
-            all_to_all: AllToAllAlgo::Flat,
-            dispatch: DispatchMode::Token,
-        }
+        crate::plan::test_plan()
     }
 
     fn sum(b: &TimeBreakdown) -> f64 {

@@ -82,6 +82,20 @@ impl Flow {
     }
 }
 
+/// Sanitised per-expert loads (non-finite or negative: 0) and the distinct GPUs of each expert.
+fn loads_and_homes(placement: &Placement, loads: &[f64]) -> (Vec<f64>, Vec<Vec<usize>>) {
+    let e = placement.experts;
+    let clean = (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
+    let mut homes: Vec<Vec<usize>> = vec![Vec::new(); e];
+    for (slot, &x) in placement.slots.iter().enumerate() {
+        let gpu = placement.gpu_of_slot(slot);
+        if !homes[x as usize].contains(&gpu) {
+            homes[x as usize].push(gpu);
+        }
+    }
+    (clean, homes)
+}
+
 /// The placement with token shares that balance the GPUs for `loads` (per expert), and its busiest load.
 /// Small instances (up to 64 replicated experts) are solved exactly ([`balance_shares_exact`]); larger ones by
 /// water-filling ([`balance_shares_waterfill`]), which converges to the same balance in practice at a fraction of
@@ -104,15 +118,7 @@ pub fn balance_shares_waterfill(
     passes: usize,
 ) -> Result<(Placement, f64), PlacementError> {
     let e = placement.experts;
-    let loads: Vec<f64> =
-        (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
-    let mut homes: Vec<Vec<usize>> = vec![Vec::new(); e];
-    for (slot, &x) in placement.slots.iter().enumerate() {
-        let gpu = placement.gpu_of_slot(slot);
-        if !homes[x as usize].contains(&gpu) {
-            homes[x as usize].push(gpu);
-        }
-    }
+    let (loads, homes) = loads_and_homes(placement, loads);
     // Contribution of each flexible expert to each of its GPUs, starting from the even split.
     let flex: Vec<usize> = (0..e).filter(|&x| homes[x].len() > 1 && loads[x] > 0.0).collect();
     let mut contrib: Vec<Vec<f64>> =
@@ -201,16 +207,7 @@ pub fn balance_shares_waterfill(
 pub fn balance_shares_exact(placement: &Placement, loads: &[f64]) -> Result<(Placement, f64), PlacementError> {
     let g = placement.gpus;
     let e = placement.experts;
-    let loads: Vec<f64> =
-        (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
-    // Distinct GPUs of each expert.
-    let mut homes: Vec<Vec<usize>> = vec![Vec::new(); e];
-    for (slot, &x) in placement.slots.iter().enumerate() {
-        let gpu = placement.gpu_of_slot(slot);
-        if !homes[x as usize].contains(&gpu) {
-            homes[x as usize].push(gpu);
-        }
-    }
+    let (loads, homes) = loads_and_homes(placement, loads);
     let mut base = vec![0.0; g];
     let flex: Vec<usize> = (0..e).filter(|&x| homes[x].len() > 1 && loads[x] > 0.0).collect();
     for x in 0..e {
