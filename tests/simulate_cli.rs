@@ -128,3 +128,54 @@ fn broken_traces_and_bad_flags_are_explained() {
     let o = switchyard(&["simulate", "--trace", g, "--gpus", "4", "--gpus-per-node", "2", "--slots", "1"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--slots 2"));
 }
+
+#[test]
+fn place_reproduces_eplb_and_exports_placements() {
+    let dir = tempfile::tempdir().unwrap();
+    let loads = dir.path().join("loads.json");
+    std::fs::write(&loads, "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]")
+        .unwrap();
+    let l = loads.to_str().unwrap();
+    // DeepSeek's published EPLB example: 16 physical slots, 4 groups, 2 nodes (of 4 GPUs), 8 GPUs.
+    let v = json(&switchyard(&[
+        "place",
+        "--loads",
+        l,
+        "--cluster",
+        "smartmoe-v100-sxm",
+        "--gpus",
+        "8",
+        "--slots",
+        "2",
+        "--algorithm",
+        "eplb-hierarchical",
+        "--groups",
+        "4",
+        "--eplb-json",
+    ]));
+    assert_eq!(
+        v["phy2log"],
+        serde_json::json!([
+            [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+            [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]
+        ])
+    );
+    assert_eq!(v["logcnt"][0].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).sum::<i64>(), 16);
+    let p = json(&switchyard(&[
+        "place",
+        "--loads",
+        l,
+        "--gpus",
+        "8",
+        "--slots",
+        "2",
+        "--algorithm",
+        "switchyard",
+        "--json",
+    ]));
+    let placements = p["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2);
+    assert_eq!(placements[0]["slots"].as_array().unwrap().len(), 16);
+    let o = switchyard(&["place", "--loads", l, "--gpus", "8", "--slots", "2", "--algorithm", "smartmoe"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permutes experts"));
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod calibrate;
+mod place;
 mod plan;
 mod presets;
 mod progress;
@@ -24,6 +25,8 @@ pub struct Cli {
 enum Command {
     /// Rank every hybrid-parallel layout of a model on a cluster and build the pool of the best.
     Plan(plan::PlanArgs),
+    /// Place experts for given per-expert loads with any algorithm (placements or EPLB tensors as JSON).
+    Place(place::PlaceArgs),
     /// List the built-in models and clusters.
     Presets(presets::PresetsArgs),
     /// Fit the performance model's constants to measured MoE layer times; write a calibrated profile.
@@ -48,6 +51,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Plan(a) => plan::run(a),
+        Command::Place(a) => place::run(a),
         Command::Presets(a) => presets::run(a),
         Command::Topology(a) => presets::run_topology(a),
         Command::Calibrate(a) => calibrate::run_calibrate(a),
