@@ -5,7 +5,7 @@
 use serde::Serialize;
 use switchyard_cost::{ModelSpec, ParallelPlan, Placement, PlacementError, Workload};
 
-use crate::placement::balanced_placement;
+use crate::placement::switchyard::{SwitchyardOptions, switchyard_placement};
 
 /// The slot configuration shared by every placement of a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -23,7 +23,8 @@ pub struct SlotConfig {
 /// One seed placement of a pool.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolPlacement {
-    /// How it was made: `static` (contiguous) or `balanced` (for the expected load of `layer`).
+    /// How it was made: `static` (contiguous) or `balanced` (Switchyard's placement with token shares for the
+    /// expected load of `layer`).
     pub name: String,
     /// The MoE layer whose expected load it balances (None: any layer).
     pub layer: Option<usize>,
@@ -61,7 +62,8 @@ pub fn build_pool(model: &ModelSpec, plan: &ParallelPlan, workload: &Workload) -
     let layers = workload.num_distinct_layers().min(model.num_moe_layers() as usize).max(1);
     for l in 0..layers {
         let f = workload.expert_fractions(l, e);
-        let p = balanced_placement(&f, ep, s)?;
+        let opts = SwitchyardOptions { gpus_per_node: ep, ..Default::default() };
+        let p = switchyard_placement(&f, None, None, ep, s, &opts)?;
         let layer = if layers > 1 { Some(l) } else { None };
         placements.push(PoolPlacement {
             name: "balanced".into(),

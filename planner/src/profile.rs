@@ -1,5 +1,5 @@
 //! What an expected workload does to a plan's MoE layers: the busiest GPU's load over the mean under the
-//! planner's seed placement, per (expert-parallel size, slots per GPU). Cached, since thousands of plans share
+//! placement Switchyard would use (replicas with token shares), per (expert-parallel size, slots per GPU). Cached, since thousands of plans share
 //! a handful of (ep, slots) pairs.
 
 use std::collections::HashMap;
@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use switchyard_cost::cost::MoeLoadProfile;
 use switchyard_cost::{Placement, Workload};
 
-use crate::placement::balanced_placement;
+use crate::placement::switchyard::{SwitchyardOptions, switchyard_placement};
 
 /// Computes and caches [`MoeLoadProfile`]s for one workload and expert count.
 pub struct ProfileCache {
@@ -52,7 +52,9 @@ impl ProfileCache {
             let p = if ep == 1 {
                 Placement::contiguous(1, slots, self.experts).expect("one GPU holds every expert")
             } else {
-                balanced_placement(&f, ep, slots).expect("enough slots")
+                // The placement Switchyard would use: replicas with token shares.
+                let opts = SwitchyardOptions { gpus_per_node: ep, ..Default::default() };
+                switchyard_placement(&f, None, None, ep, slots, &opts).expect("enough slots")
             };
             let loads = p.gpu_loads(&f);
             let busiest = loads.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |x| x.0);

@@ -29,7 +29,7 @@ pub use csv::{read_csv, write_csv};
 pub use error::{Skipped, TraceError};
 pub use jsonl::{read_jsonl, write_jsonl};
 pub use smartmoe::{read_smartmoe_dir, read_smartmoe_tar_gz};
-pub use stats::{LayerStats, Summary, TraceStats, mean_expert_fractions, trace_stats};
+pub use stats::{LayerStats, OverallStats, Summary, TraceStats, mean_expert_fractions, trace_stats};
 
 /// A routing trace: for each recorded iteration (a [`Snapshot`]), one [`LoadMatrix`] per MoE layer whose rows
 /// are the source ranks and whose columns are the logical experts.
