@@ -322,10 +322,13 @@ mod tests {
             // Water-filling lands close to the exact optimum.
             let (w, wmax) = balance_shares_waterfill(&p, &loads, 200).unwrap();
             w.check().unwrap();
-            prop_assert!(wmax <= even * (1.0 + 1e-5) + 1e-6);
-            prop_assert!(wmax <= max * 1.10 + 1e-6, "waterfill {} exact {}", wmax, max);
+            // Shares are stored in parts per million: each slot's share may round by one part, so allow the
+            // rounding of every slot's tokens on top of the solvers' tolerance.
+            let rounding = loads.iter().sum::<f64>() * 2e-6 * slots as f64 + 1e-6;
+            prop_assert!(wmax <= even * (1.0 + 1e-5) + rounding);
+            prop_assert!(wmax <= max * 1.10 + rounding, "waterfill {} exact {}", wmax, max);
             prop_assert_eq!(&q.slots, &p.slots);
-            prop_assert!(max <= even * (1.0 + 1e-5) + 1e-6, "{} > {}", max, even);
+            prop_assert!(max <= even * (1.0 + 1e-5) + rounding, "{} > {}", max, even);
             let total: f64 = q.gpu_loads(&loads).iter().sum();
             prop_assert!((total - loads.iter().sum::<f64>()).abs() < 1e-3 * (1.0 + total));
         }
