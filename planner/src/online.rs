@@ -76,6 +76,8 @@ pub enum Algorithm {
     Static,
     /// SmartMoE's greedy (permutation only), switching when the predicted busiest GPU improves.
     Smartmoe,
+    /// FasterMoE's shadowing of the hottest experts on every GPU while the model says it pays, at every decision.
+    Fastermoe,
     /// DeepSeek's EPLB, global policy (one group, one node), applied at every decision.
     Eplb,
     /// DeepSeek's EPLB, hierarchical policy (expert groups packed onto nodes), applied at every decision.
@@ -90,6 +92,7 @@ impl Algorithm {
         match self {
             Algorithm::Static => "static",
             Algorithm::Smartmoe => "smartmoe",
+            Algorithm::Fastermoe => "fastermoe",
             Algorithm::Eplb => "eplb",
             Algorithm::EplbHierarchical => "eplb-hierarchical",
             Algorithm::Switchyard => "switchyard",
@@ -107,6 +110,7 @@ impl Algorithm {
         match s {
             "static" => Some(Algorithm::Static),
             "smartmoe" => Some(Algorithm::Smartmoe),
+            "fastermoe" => Some(Algorithm::Fastermoe),
             "eplb" => Some(Algorithm::Eplb),
             "eplb-hierarchical" => Some(Algorithm::EplbHierarchical),
             "switchyard" => Some(Algorithm::Switchyard),
@@ -115,8 +119,14 @@ impl Algorithm {
     }
 
     /// Every algorithm, for help texts.
-    pub const ALL: [Algorithm; 5] =
-        [Algorithm::Static, Algorithm::Smartmoe, Algorithm::Eplb, Algorithm::EplbHierarchical, Algorithm::Switchyard];
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::Static,
+        Algorithm::Smartmoe,
+        Algorithm::Fastermoe,
+        Algorithm::Eplb,
+        Algorithm::EplbHierarchical,
+        Algorithm::Switchyard,
+    ];
 }
 
 /// What one MoE layer's cost terms need: its shape and where its expert-parallel group sits.
@@ -298,6 +308,23 @@ pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx:
         Algorithm::Smartmoe => {
             return crate::placement::smartmoe::smartmoe_greedy(&loads, current)
                 .map(|d| d.placement)
+                .unwrap_or_else(|_| current.clone());
+        }
+        Algorithm::Fastermoe => {
+            let load = LoadMatrix {
+                ranks: predicted.len(),
+                experts: current.experts,
+                counts: predicted.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
+            };
+            let cost = crate::placement::cost_inputs::LayerCostInputs {
+                shape: ctx.shape.clone(),
+                gpus: ctx.gpus.clone(),
+                fabric: ctx.fabric.clone(),
+                constants: ctx.constants.clone(),
+                hierarchical: ctx.hierarchical,
+            };
+            return crate::placement::fastermoe::fastermoe_shadow(&load, slots, &cost)
+                .map(|r| r.placement)
                 .unwrap_or_else(|_| current.clone());
         }
         Algorithm::Eplb | Algorithm::EplbHierarchical => {
@@ -492,8 +519,8 @@ pub fn decide(
     let switch = match (cfg.algorithm, cfg.frequency) {
         (_, Frequency::Never) => false,
         // The baselines follow their own published rules: SmartMoE's proposal is already accepted only when the
-        // busiest GPU improves, EPLB rebalances at every decision.
-        (Algorithm::Smartmoe | Algorithm::Eplb | Algorithm::EplbHierarchical, _) => changed,
+        // busiest GPU improves, FasterMoE re-decides its shadows and EPLB rebalances at every decision.
+        (Algorithm::Smartmoe | Algorithm::Fastermoe | Algorithm::Eplb | Algorithm::EplbHierarchical, _) => changed,
         (_, Frequency::Every { n }) => gain > 0.0 && gain * n.max(lasted).max(1) as f64 > mig_ms,
         (_, Frequency::Auto) => {
             state.regret_ms += gain.max(0.0) * iterations_since.max(1) as f64;

@@ -28,7 +28,7 @@ pub struct PlaceArgs {
     /// Expert slots per GPU (default: experts / GPUs).
     #[arg(long)]
     slots: Option<usize>,
-    /// Algorithm: static, smartmoe, eplb, eplb-hierarchical or switchyard.
+    /// Algorithm: static, smartmoe, fastermoe, eplb, eplb-hierarchical or switchyard.
     #[arg(long, default_value = "switchyard")]
     algorithm: String,
     /// Expert groups for EPLB's hierarchical policy (default: one per node).

@@ -58,7 +58,7 @@ pub struct SimSetup {
 pub struct SimulateArgs {
     #[command(flatten)]
     setup: SimSetup,
-    /// Placement algorithm: static, smartmoe, eplb, eplb-hierarchical or switchyard.
+    /// Placement algorithm: static, smartmoe, fastermoe, eplb, eplb-hierarchical or switchyard.
     #[arg(long, default_value = "switchyard")]
     algorithm: String,
     /// Re-planning frequency: `N` iterations (dyn.N; 0 = never) or `auto`.
