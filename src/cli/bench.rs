@@ -324,8 +324,34 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
             })
             .collect(),
     );
+    // EPLB on the same loads (global and hierarchical with one group per node), all layers in one call.
+    let nodes = (a.gpus / 8).max(1);
+    let eplb_time = |policy, groups| {
+        median(
+            (0..a.repeat.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(
+                        switchyard_planner::placement::eplb::eplb(
+                            &loads,
+                            a.gpus * slots,
+                            groups,
+                            nodes,
+                            a.gpus,
+                            policy,
+                        )
+                        .ok(),
+                    );
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        )
+    };
+    let eplb_global_ms = eplb_time(switchyard_planner::placement::eplb::EplbPolicy::Global, 1);
+    let eplb_hier_ms = eplb_time(switchyard_planner::placement::eplb::EplbPolicy::Hierarchical, nodes);
     let out = json!({
         "experts": a.experts, "gpus": a.gpus, "layers": a.layers, "slots_per_gpu": slots,
+        "eplb_global_median_ms": eplb_global_ms.0, "eplb_hierarchical_median_ms": eplb_hier_ms.0,
         "decision_median_ms": med, "decision_min_ms": min, "decision_max_ms": max, "first_run_ms": first_ms,
         "placement_only_median_ms": place_ms.0, "switch": d.switch, "gain_ms_per_iter": d.gain_ms_per_iter,
         "migration_ms": d.migration_ms, "target_ms": 5.0,
@@ -345,6 +371,10 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
             max,
             first_ms,
             place_ms.0
+        );
+        println!(
+            "  EPLB on the same loads (placement only): global {:.2} ms, hierarchical {:.2} ms",
+            eplb_global_ms.0, eplb_hier_ms.0
         );
         println!(
             "  predicted gain {:.2} ms per iteration against a {:.2} ms migration: switch = {}",
