@@ -96,26 +96,28 @@ pub fn switchyard_placement(
                 .map(|&(_, g)| g)
                 .filter(|&g| !bins[g].contains(&ex)),
         );
-        let best = window
-            .iter()
-            .copied()
-            .max_by(|&a, &b| {
-                let k = |g: usize| {
-                    (
-                        on_gpu(g, ex),
-                        node_src[node_of(g)][ex as usize],
-                        node_has[node_of(g)][ex as usize],
-                        -gpu_load[g],
-                        std::cmp::Reverse(g),
-                    )
-                };
-                let (ka, kb) = (k(a), k(b));
-                ka.0.cmp(&kb.0)
-                    .then(ka.1.total_cmp(&kb.1))
-                    .then(ka.2.cmp(&kb.2))
-                    .then(ka.3.total_cmp(&kb.3))
-                    .then(ka.4.cmp(&kb.4))
-            })
+        // Each candidate's preference key, computed once: (holds it now, tokens its node sends the expert,
+        // replicas of it on its node, lighter first, lower index first).
+        let mut best: Option<(usize, (bool, f64, u32, f64))> = None;
+        for &g in &window {
+            let k = (on_gpu(g, ex), node_src[node_of(g)][ex as usize], node_has[node_of(g)][ex as usize], -gpu_load[g]);
+            let better = match &best {
+                None => true,
+                Some((bg, bk)) => {
+                    k.0.cmp(&bk.0)
+                        .then(k.1.total_cmp(&bk.1))
+                        .then(k.2.cmp(&bk.2))
+                        .then(k.3.total_cmp(&bk.3))
+                        .then(bg.cmp(&g))
+                        .is_gt()
+                }
+            };
+            if better {
+                best = Some((g, k));
+            }
+        }
+        let best = best
+            .map(|(g, _)| g)
             .unwrap_or_else(|| open.first().map(|&(_, g)| g).expect("a GPU has a free slot while replicas remain"));
         open.remove(&(key(gpu_load[best]), best));
         bins[best].push(ex);
