@@ -193,20 +193,51 @@ impl LayerContext {
 
     /// Modelled time (ms) of one iteration with the placement exactly as given (its shares as they are).
     pub fn iteration_ms_as_placed(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
+        self.times_ms(load, placement).0
+    }
+
+    /// One iteration's modelled time and its perfect-balance bound (ms), from one evaluation of the layer with the
+    /// placement as given. Compute, all-to-all and fixed costs repeat per micro-batch; replica gradients are
+    /// reduced once. The bound puts every GPU at the mean GPU compute time and keeps the communication and fixed
+    /// cost as placed (balance can remove the compute skew, not the traffic).
+    pub fn times_ms(&self, load: &LoadMatrix, placement: &Placement) -> (f64, f64) {
         let mb = self.micro_batches.max(1);
-        let per = if mb == 1 {
-            load.clone()
+        let per: std::borrow::Cow<'_, LoadMatrix> = if mb == 1 {
+            std::borrow::Cow::Borrowed(load)
         } else {
-            LoadMatrix {
+            std::borrow::Cow::Owned(LoadMatrix {
                 ranks: load.ranks,
                 experts: load.experts,
                 counts: load.counts.iter().map(|&c| c.div_ceil(mb as u64)).collect(),
-            }
+            })
         };
-        // Compute, all-to-all and fixed costs repeat per micro-batch; replica gradients are reduced once.
-        moe_layer_exact(&self.shape, &per, placement, &self.gpus, &self.fabric, &self.constants, self.hierarchical)
-            .map(|t| (t.total_ms - t.replica_sync_ms) * mb as f64 + t.replica_sync_ms)
-            .unwrap_or(f64::INFINITY)
+        match moe_layer_exact(
+            &self.shape,
+            &per,
+            placement,
+            &self.gpus,
+            &self.fabric,
+            &self.constants,
+            self.hierarchical,
+        ) {
+            Ok(t) => {
+                let mean = t.gpu_compute_ms.iter().sum::<f64>() / t.gpu_compute_ms.len().max(1) as f64;
+                let iter = (t.total_ms - t.replica_sync_ms) * mb as f64 + t.replica_sync_ms;
+                (iter, (mean + t.all_to_all_ms + t.overhead_ms) * mb as f64)
+            }
+            Err(_) => (f64::INFINITY, f64::INFINITY),
+        }
+    }
+
+    /// The inputs the placement algorithms' cost terms take, for this layer.
+    pub fn cost_inputs(&self) -> crate::placement::cost_inputs::LayerCostInputs {
+        crate::placement::cost_inputs::LayerCostInputs {
+            shape: self.shape.clone(),
+            gpus: self.gpus.clone(),
+            fabric: self.fabric.clone(),
+            constants: self.constants.clone(),
+            hierarchical: self.hierarchical,
+        }
     }
 
     /// Bytes of one expert's training state that moves with it: weights, fp32 master weights and two fp32 Adam
@@ -288,6 +319,15 @@ pub fn candidates(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, c
     v
 }
 
+/// A predicted (fractional) load as a load matrix of whole tokens.
+fn rounded(predicted: &[Vec<f64>], experts: usize) -> LoadMatrix {
+    LoadMatrix {
+        ranks: predicted.len(),
+        experts,
+        counts: predicted.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
+    }
+}
+
 fn column_sums(m: &[Vec<f64>], experts: usize) -> Vec<f64> {
     let mut loads = vec![0.0; experts];
     for row in m {
@@ -311,19 +351,8 @@ pub fn propose(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx:
                 .unwrap_or_else(|_| current.clone());
         }
         Algorithm::Fastermoe => {
-            let load = LoadMatrix {
-                ranks: predicted.len(),
-                experts: current.experts,
-                counts: predicted.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
-            };
-            let cost = crate::placement::cost_inputs::LayerCostInputs {
-                shape: ctx.shape.clone(),
-                gpus: ctx.gpus.clone(),
-                fabric: ctx.fabric.clone(),
-                constants: ctx.constants.clone(),
-                hierarchical: ctx.hierarchical,
-            };
-            return crate::placement::fastermoe::fastermoe_shadow(&load, slots, &cost)
+            let load = rounded(predicted, current.experts);
+            return crate::placement::fastermoe::fastermoe_shadow(&load, slots, &ctx.cost_inputs())
                 .map(|r| r.placement)
                 .unwrap_or_else(|_| current.clone());
         }
@@ -479,11 +508,7 @@ pub fn decide(
             let Some(pred) = cfg.predictor.predict(h) else {
                 return (0.0, Migration::default(), cur.clone());
             };
-            let pm = LoadMatrix {
-                ranks: pred.len(),
-                experts: cur.experts,
-                counts: pred.iter().flat_map(|r| r.iter().map(|x| x.round().max(0.0) as u64)).collect(),
-            };
+            let pm = rounded(&pred, cur.experts);
             let before = c.iteration_ms(&pm, cur);
             // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes). A
             // new placement serves until the load moves on: expect it to last at least the next N iterations,

@@ -131,9 +131,11 @@ pub fn simulate(
         let mut imb = Vec::with_capacity(trace.layers);
         for (l, c) in ctx.iter().enumerate().take(trace.layers) {
             let load = &snap.layers[l];
+            // Serve the load once (dynamic shares), then price it once for both the time and the bound.
             let serving = c.serving(load, &current[l]);
-            iter_ms += c.iteration_ms(load, &serving);
-            bound_ms += bound_iteration_ms(c, load, &serving);
+            let (t, b) = c.times_ms(load, &serving);
+            iter_ms += t;
+            bound_ms += b;
             let x = imbalance(load, &serving);
             imb.push(x);
             imbs.push(x);
@@ -183,32 +185,6 @@ pub fn simulate(
             migration_ms: mig,
         },
         snapshots: records,
-    }
-}
-
-/// Perfect-balance bound of one iteration of a layer: every GPU at the mean GPU compute time, plus the layer's
-/// communication and fixed cost as placed (balance can remove the compute skew, not the traffic).
-pub fn bound_iteration_ms(c: &LayerContext, load: &LoadMatrix, placement: &Placement) -> f64 {
-    let mb = c.micro_batches.max(1);
-    let per = LoadMatrix {
-        ranks: load.ranks,
-        experts: load.experts,
-        counts: load.counts.iter().map(|&x| x.div_ceil(mb as u64)).collect(),
-    };
-    match switchyard_cost::cost::moe_layer_exact(
-        &c.shape,
-        &per,
-        placement,
-        &c.gpus,
-        &c.fabric,
-        &c.constants,
-        c.hierarchical,
-    ) {
-        Ok(t) => {
-            let mean = t.gpu_compute_ms.iter().sum::<f64>() / t.gpu_compute_ms.len().max(1) as f64;
-            (mean + t.all_to_all_ms + t.overhead_ms) * mb as f64
-        }
-        Err(_) => f64::INFINITY,
     }
 }
 
