@@ -14,6 +14,7 @@
 //! | [`bf16`] | bf16 storage of weights and saved activations, f32 compute |
 //! | [`bench`](mod@bench) | [`run_kernel_bench`], the benchmark behind `switchyard bench kernels` |
 //! | [`reference`](mod@reference) | naive f64 references (what the kernels must compute) |
+//! | `cuda` | the same layer on an NVIDIA GPU (feature `cuda`, default): NVRTC-compiled kernels, cuBLAS expert GEMMs, device probe and selection |
 //!
 //! ## Use
 //!
@@ -61,6 +62,8 @@
 
 pub mod bench;
 pub mod bf16;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dispatch;
 pub mod error;
 pub mod experts;

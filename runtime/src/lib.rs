@@ -1,1 +1,16 @@
-//! switchyard-runtime
+//! # switchyard-runtime
+//!
+//! Distributed Mixture-of-Experts training with live expert re-placement.
+
+pub mod checksum;
+pub mod comm;
+pub mod data;
+pub mod dense;
+pub mod error;
+pub mod experts;
+pub mod machine;
+pub mod migrate;
+pub mod moe;
+pub mod optim;
+pub mod switcher;
+pub mod trainer;

@@ -10,6 +10,7 @@ mod report;
 mod simulate;
 mod specs;
 mod trace;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ enum Command {
     Trace(trace::TraceCommand),
     /// Show the link classes of a cluster's topology graph.
     Topology(presets::TopologyArgs),
+    /// Train a small MoE language model on CPU workers, re-placing experts as the load moves.
+    Train(train::TrainArgs),
     /// Benchmarks of Switchyard's own components.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,5 +63,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(c) => trace::run(c),
         Command::Validate(a) => calibrate::run_validate(a),
         Command::Bench(b) => bench::run(b),
+        Command::Train(a) => train::run(a),
     }
 }

@@ -1,0 +1,15 @@
+//! The distributed MoE FFN: slots of experts spread over workers, replicas of hot experts, the
+//! token exchange, and the gradient reduction over replicas.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | [`segments`] | which routed rows go to which replica slot (token shares) |
+//! | [`slots`] | one worker's slots: weights and Adam state, exportable per slot for migration |
+//! | [`layer`] | forward / backward with the all-to-all exchanges; replica gradient sum |
+
+pub mod layer;
+pub mod segments;
+pub mod slots;
+
+pub use layer::{DistMoeLayer, MoeLayerGrads, MoeSaved};
+pub use slots::SlotStore;

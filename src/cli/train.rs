@@ -1,0 +1,268 @@
+//! `switchyard train`: trains a small GPT-style MoE model on in-process workers (or MPI ranks with
+//! the `mpi` feature), re-placing experts with the online policy.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use switchyard_kernels::{Activation, CapacityPolicy};
+use switchyard_planner::online::{Algorithm, Frequency};
+use switchyard_runtime::trainer::{FaultSpec, StepMetrics, TrainConfig, TrainSummary};
+
+use super::progress::LazyProgress;
+use super::simulate::parse_predictor;
+
+/// Flags of `switchyard train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Workers (in-process threads; under `mpirun` with the `mpi` feature: must equal the rank count).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Logical experts per MoE layer.
+    #[arg(long, default_value_t = 16)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Slots per worker (default: experts / workers, rounded up; more slots hold replicas of hot experts).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Re-planning frequency: 0 (never), N (dyn.N: decide every N steps) or auto (when it pays).
+    #[arg(long = "dyn", default_value = "10")]
+    dyn_freq: String,
+    /// Placement algorithm: static, smartmoe, fastermoe, eplb, eplb-hierarchical, switchyard.
+    #[arg(long, default_value = "switchyard")]
+    algorithm: String,
+    /// Load predictor: last, mean:W or ema:A.
+    #[arg(long, default_value = "mean:4")]
+    predictor: String,
+    /// Training steps.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Seed of the weights, the data and the generated corpus.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// A UTF-8 text file to train on (default: a corpus generated at run time).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    d_model: usize,
+    /// Expert hidden width.
+    #[arg(long, default_value_t = 128)]
+    d_ffn: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Transformer blocks (each with an MoE FFN).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 32)]
+    ctx: usize,
+    /// Sequences per step over all workers (a multiple of --workers).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Learning rate (Adam).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f32,
+    /// Expert FFN: gelu or swiglu.
+    #[arg(long, default_value = "gelu")]
+    activation: String,
+    /// Router capacity: dropless, or a capacity factor (tokens over capacity are dropped).
+    #[arg(long, default_value = "dropless")]
+    capacity: String,
+    /// Skew of the routing (a fixed selection bias making low-numbered experts popular; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    route_skew: f32,
+    /// Compute threads per worker.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Timeout of every collective, seconds: a dead or stuck worker ends the run with an error after it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+    /// Device: cpu, cuda or auto (auto runs on CPU when no CUDA driver is found, and says so).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write per-step metrics as JSON Lines here.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Write the loss curve as <STEM>.png and <STEM>.svg.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Inject a migration fault (demonstrates rollback): corrupt:RANK or fail:RANK.
+    #[arg(long)]
+    inject_migration_fault: Option<String>,
+    /// Print the summary as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn config(a: &TrainArgs) -> Result<TrainConfig> {
+    let frequency = Frequency::parse(&a.dyn_freq)
+        .with_context(|| format!("--dyn {}: fix: 0 (never), a number of steps, or auto", a.dyn_freq))?;
+    let algorithm = Algorithm::parse(&a.algorithm).with_context(|| {
+        format!(
+            "--algorithm {}: unknown; fix: one of {}",
+            a.algorithm,
+            Algorithm::ALL.iter().map(|x| x.name()).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let activation = match a.activation.as_str() {
+        "gelu" => Activation::Gelu,
+        "swiglu" => Activation::SwiGlu,
+        o => bail!("--activation {o}: unknown; fix: gelu or swiglu"),
+    };
+    let capacity = match a.capacity.as_str() {
+        "dropless" => CapacityPolicy::Dropless,
+        f => CapacityPolicy::Fixed {
+            factor: f
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .with_context(|| format!("--capacity {f}: fix: dropless or a factor > 0 such as 1.25"))?,
+        },
+    };
+    let migration = match a.inject_migration_fault.as_deref() {
+        None => None,
+        Some(s) => {
+            let (k, r) = s.split_once(':').unwrap_or((s, ""));
+            let rank: usize = r.parse().ok().filter(|&r| r < a.workers).with_context(|| {
+                format!("--inject-migration-fault {s}: fix: corrupt:RANK or fail:RANK with RANK < {}", a.workers)
+            })?;
+            Some(match k {
+                "corrupt" => FaultSpec::Corrupt(rank),
+                "fail" => FaultSpec::Fail(rank),
+                _ => bail!("--inject-migration-fault {s}: fix: corrupt:RANK or fail:RANK"),
+            })
+        }
+    };
+    let cfg = TrainConfig {
+        workers: a.workers,
+        threads_per_worker: a.threads,
+        experts: a.experts,
+        top_k: a.top_k,
+        slots_per_worker: a.slots.unwrap_or_else(|| a.experts.div_ceil(a.workers.max(1))),
+        d_model: a.d_model,
+        d_ffn: a.d_ffn,
+        n_heads: a.heads,
+        n_layers: a.layers,
+        ctx: a.ctx,
+        global_batch: a.batch,
+        steps: a.steps,
+        seed: a.seed,
+        lr: a.lr,
+        activation,
+        capacity,
+        route_skew: a.route_skew,
+        algorithm,
+        frequency,
+        predictor: parse_predictor(&a.predictor)?,
+        text: a.text.clone(),
+        timeout_s: a.timeout_s,
+        faults: switchyard_runtime::trainer::Faults { migration, ..Default::default() },
+        ..TrainConfig::default()
+    };
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(t) = &a.text {
+        std::fs::metadata(t).with_context(|| format!("--text {}: cannot read the file", t.display()))?;
+    }
+    Ok(cfg)
+}
+
+fn device_note(device: &str) -> Result<Option<String>> {
+    match device {
+        "cpu" => Ok(None),
+        "auto" => Ok(Some("--device auto: training runs on CPU workers (the trainer has no GPU path yet)".into())),
+        "cuda" => bail!(
+            "--device cuda: the trainer has no GPU path yet (the CUDA kernels are tested on their own); fix: --device cpu or auto"
+        ),
+        o => bail!("--device {o}: unknown; fix: cpu, cuda or auto"),
+    }
+}
+
+/// Runs `switchyard train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = config(&a)?;
+    if let Some(n) = device_note(&a.device)? {
+        eprintln!("{n}");
+    }
+    let mut metrics_out = match &a.metrics {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("--metrics {}: cannot create the file", p.display()))?,
+        )),
+        None => None,
+    };
+    let progress = LazyProgress::new("training", a.quiet || a.json);
+    let lines = std::sync::Mutex::new(Vec::<StepMetrics>::new());
+    let on_step = |m: &StepMetrics| {
+        progress.update(m.step + 1, cfg.steps);
+        if let Ok(mut l) = lines.lock() {
+            l.push(m.clone());
+        }
+    };
+    let result = switchyard_runtime::trainer::train_local(&cfg, &on_step);
+    progress.finish();
+    let results = match result {
+        Ok(r) => r,
+        Err(errs) => {
+            for (rank, e) in &errs {
+                eprintln!("worker {rank}: {e}");
+            }
+            bail!("training failed on {} of {} workers", errs.len(), cfg.workers);
+        }
+    };
+    let steps = lines.into_inner().unwrap_or_default();
+    if let Some(out) = metrics_out.as_mut() {
+        for m in &steps {
+            serde_json::to_writer(&mut *out, m)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    let summary: &TrainSummary = &results[0].summary;
+    let mut written = Vec::new();
+    if let Some(stem) = &a.plot {
+        let points: Vec<(f64, f64)> = steps.iter().map(|m| (m.step as f64, m.loss)).collect();
+        written = crate::plot::lines(
+            stem,
+            &format!("switchyard train: {} workers, {} experts, {}", cfg.workers, cfg.experts, cfg.frequency.label()),
+            "step",
+            "loss (nats/token)",
+            &[crate::plot::Line { label: "training loss".into(), points }],
+        )?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        println!(
+            "trained {} steps on {} workers ({} experts, top-{}, {} slots/worker, {} with {})",
+            summary.steps,
+            summary.workers,
+            cfg.experts,
+            cfg.top_k,
+            cfg.slots_per_worker,
+            cfg.frequency.label(),
+            cfg.algorithm.name()
+        );
+        println!("loss {:.4} -> {:.4} nats/token", summary.first_loss, summary.final_loss);
+        println!(
+            "switches {} (rolled back {}), {} bytes moved, mean imbalance {:.3}, {:.1} ms/step, sampler {:.3}% of a step",
+            summary.switches,
+            summary.rollbacks,
+            summary.bytes_moved,
+            summary.mean_imbalance,
+            summary.mean_step_ms,
+            100.0 * summary.sampler_fraction
+        );
+        println!("param_checksum {}", summary.param_checksum);
+        for f in written {
+            println!("wrote {f}");
+        }
+    }
+    Ok(())
+}
