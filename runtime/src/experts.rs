@@ -81,6 +81,8 @@ pub struct ExpertRuntime {
     pub rollbacks: u64,
     /// Bytes this worker has sent in migrations.
     pub bytes_moved: u64,
+    /// Message buffers kept between migrations.
+    pool: Vec<Vec<u8>>,
 }
 
 /// Seeded initial weights of logical expert `e` of layer `l` (independent of where it is placed).
@@ -149,6 +151,7 @@ impl ExpertRuntime {
                 experts: shape.experts,
                 placement: p,
                 slots: slots?,
+                spare: None,
             });
         }
         let switcher = policy.filter(|_| comm.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
@@ -163,7 +166,18 @@ impl ExpertRuntime {
             switches: 0,
             rollbacks: 0,
             bytes_moved: 0,
+            pool: Vec::new(),
         })
+    }
+
+    /// Moves to `placements` now (collective: every worker must call it with the same placements), as a
+    /// decision of the policy would; returns this worker's outcome.
+    pub fn migrate_to(
+        &mut self,
+        comm: &dyn Communicator,
+        placements: &[Placement],
+    ) -> Result<MigrationOutcome, RuntimeError> {
+        migrate(comm, &mut self.layers, placements, self.next_fault.take(), &mut self.pool)
     }
 
     /// The current placements.
@@ -306,7 +320,7 @@ impl ExpertRuntime {
         rep.decide_ms = t2.elapsed().as_secs_f64() * 1e3;
         if b.switch {
             let t3 = Instant::now();
-            let out = migrate(comm, &mut self.layers, &b.placements, self.next_fault.take())?;
+            let out = migrate(comm, &mut self.layers, &b.placements, self.next_fault.take(), &mut self.pool)?;
             rep.switched = out.committed;
             if out.committed {
                 self.switches += 1;

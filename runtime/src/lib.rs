@@ -2,6 +2,7 @@
 //!
 //! Distributed Mixture-of-Experts training with live expert re-placement.
 
+pub mod bench;
 pub mod checksum;
 pub mod comm;
 pub mod data;

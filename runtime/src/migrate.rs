@@ -13,9 +13,10 @@ use std::time::Instant;
 use serde::Serialize;
 use switchyard_cost::Placement;
 
-use crate::checksum::checksum_f32;
+use crate::checksum::ByteChecksum;
 use crate::comm::{CommExt, Communicator, as_bytes, from_bytes};
 use crate::error::RuntimeError;
+use crate::moe::slots::SlotSource;
 use crate::moe::{DistMoeLayer, SlotStore};
 
 /// A fault to inject into a migration (tests and `switchyard train --inject-migration-fault`).
@@ -79,13 +80,15 @@ fn sources(old: &Placement, new: &Placement) -> Vec<Source> {
 const HEADER_WORDS: usize = 5; // layer, new slot, expert, checksum, length
 
 /// Moves every layer whose placement changes to `new[layer]`; returns this worker's outcome. All
-/// workers must call it with the same `new`. Errors only when the communicator fails (a peer is dead):
+/// workers must call it with the same `new`. `pool` holds message buffers kept from earlier migrations
+/// (reused so that no fresh memory is touched; received buffers are returned to it). Errors only when the communicator fails (a peer is dead):
 /// a bad transfer is a rollback, not an error.
 pub fn migrate(
     comm: &dyn Communicator,
     layers: &mut [DistMoeLayer],
     new: &[Placement],
     fault: Option<Fault>,
+    pool: &mut Vec<Vec<u8>>,
 ) -> Result<MigrationOutcome, RuntimeError> {
     let t0 = Instant::now();
     let (me, w) = (comm.rank(), comm.size());
@@ -119,10 +122,12 @@ pub fn migrate(
         return Err(RuntimeError::Invalid { what: "migration".into(), reason: r });
     }
 
-    // Pack the states this worker must send.
-    let mut send: Vec<Vec<u64>> = vec![Vec::new(); w];
-    let mut payload: Vec<Vec<f32>> = vec![Vec::new(); w];
-    let mut state = Vec::new();
+    // Pack the states this worker must send straight into the messages, checksumming while copying (one
+    // pass over each state). Message layout: [states][header words][number of header words, u64].
+    let mut msgs: Vec<Vec<u8>> = vec![Vec::new(); w];
+    let mut heads: Vec<Vec<u64>> = vec![Vec::new(); w];
+    // Exact sizes first, so that a reused buffer never grows (growth would touch fresh memory).
+    let mut need = vec![8usize; w];
     for &l in &changed {
         let (old, n) = (&layers[l].placement, &new[l]);
         let spw = old.slots_per_gpu;
@@ -130,45 +135,64 @@ pub fn migrate(
             if let Source::Remote(from) = src
                 && from / spw == me
             {
-                state.clear();
-                layers[l].slots.export_slot(from % spw, &mut state);
-                let v = s / spw;
-                send[v].extend_from_slice(&[
-                    l as u64,
-                    s as u64,
-                    n.slots[s] as u64,
-                    checksum_f32(&state),
-                    state.len() as u64,
-                ]);
-                payload[v].extend_from_slice(&state);
+                need[s / spw] += 4 * layers[l].slots.state_len() + 8 * HEADER_WORDS;
             }
         }
     }
-    let msgs: Vec<Vec<u8>> = (0..w)
-        .map(|v| {
-            let mut b = Vec::with_capacity(8 + send[v].len() * 8 + payload[v].len() * 4);
-            b.extend_from_slice(&(send[v].len() as u64).to_le_bytes());
-            b.extend_from_slice(as_bytes(&send[v]));
-            b.extend_from_slice(as_bytes(&payload[v]));
-            b
-        })
-        .collect();
+    // The largest kept buffers go to the largest messages.
+    pool.sort_by_key(|b| b.capacity());
+    let mut order: Vec<usize> = (0..w).collect();
+    order.sort_by_key(|&v| std::cmp::Reverse(need[v]));
+    for v in order {
+        let mut m = pool.pop().unwrap_or_default();
+        m.clear();
+        m.reserve(need[v]);
+        msgs[v] = m;
+    }
+    for &l in &changed {
+        let (old, n) = (&layers[l].placement, &new[l]);
+        let spw = old.slots_per_gpu;
+        for (s, src) in sources(old, n).into_iter().enumerate() {
+            if let Source::Remote(from) = src
+                && from / spw == me
+            {
+                let v = s / spw;
+                let start = msgs[v].len();
+                let mut sum = ByteChecksum::new();
+                layers[l].slots.append_slot_bytes(from % spw, &mut msgs[v], &mut sum);
+                let len = (msgs[v].len() - start) as u64;
+                heads[v].extend_from_slice(&[l as u64, s as u64, n.slots[s] as u64, sum.finish(), len]);
+            }
+        }
+    }
+    for (m, h) in msgs.iter_mut().zip(&heads) {
+        m.extend_from_slice(as_bytes(h));
+        m.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    }
     outcome.bytes_sent = msgs.iter().enumerate().filter(|(v, _)| *v != me).map(|(_, m)| m.len() as u64).sum();
-    let got = comm.all_to_all_v(&msgs.iter().map(|m| m.as_slice()).collect::<Vec<_>>())?;
-    drop(msgs);
+    let got = comm.all_to_all_v_owned(msgs)?;
     outcome.bytes_received = got.iter().enumerate().filter(|(u, _)| *u != me).map(|(_, m)| m.len() as u64).sum();
 
-    // Unpack and verify.
-    let mut received: std::collections::HashMap<(usize, usize), Vec<f32>> = std::collections::HashMap::new();
+    // Index the received states (verified while they are copied in).
+    let mut received: std::collections::HashMap<(usize, usize), (usize, std::ops::Range<usize>, u64)> =
+        std::collections::HashMap::new();
     let mut problem: Option<String> = None;
-    let mut corrupt_pending = matches!(fault, Some(Fault::CorruptReceived { rank }) if rank == me);
     for (u, msg) in got.iter().enumerate() {
-        if let Err(r) = unpack(msg, &mut received, &mut corrupt_pending) {
+        if let Err(r) = index(u, msg, &mut received) {
             problem.get_or_insert(format!("message from worker {u}: {r}"));
         }
     }
     outcome.transfers_in = received.len();
-    if corrupt_pending {
+    let mut corrupt = matches!(fault, Some(Fault::CorruptReceived { rank }) if rank == me);
+    let mut got = got;
+    if corrupt && let Some((u, range, _)) = received.values().min_by_key(|(u, r, _)| (*u, r.start)).cloned() {
+        // Flip one bit of the first received state: the checksum must catch it.
+        if let Some(b) = got[u].get_mut(range.start) {
+            *b ^= 1;
+            corrupt = false;
+        }
+    }
+    if corrupt {
         // The faulty worker received nothing to corrupt: it fails the migration instead.
         problem.get_or_insert("injected fault (no received state to corrupt)".into());
     }
@@ -183,17 +207,15 @@ pub fn migrate(
             let (old, n) = (&layers[l].placement, &new[l]);
             let spw = old.slots_per_gpu;
             let srcs = sources(old, n);
-            let mut states: Vec<Vec<f32>> = Vec::with_capacity(spw);
+            let mut slot_sources = Vec::with_capacity(spw);
             for j in 0..spw {
                 let s = me * spw + j;
                 match srcs[s] {
-                    Source::Local(jj) => {
-                        let mut v = Vec::new();
-                        layers[l].slots.export_slot(jj, &mut v);
-                        states.push(v);
-                    }
-                    Source::Remote(_) => match received.remove(&(l, s)) {
-                        Some(v) => states.push(v),
+                    Source::Local(jj) => slot_sources.push(SlotSource::Local(jj)),
+                    Source::Remote(_) => match received.get(&(l, s)) {
+                        Some((u, range, sum)) => {
+                            slot_sources.push(SlotSource::Bytes { bytes: &got[*u][range.clone()], checksum: *sum })
+                        }
                         None => {
                             problem.get_or_insert(format!("layer {l}: the state of new slot {s} did not arrive"));
                             break;
@@ -204,8 +226,8 @@ pub fn migrate(
             if problem.is_some() {
                 break;
             }
-            let refs: Vec<&[f32]> = states.iter().map(|v| v.as_slice()).collect();
-            match layers[l].slots.from_states(n.gpu_slots(me).to_vec(), &refs) {
+            let spare = layers[l].spare.take();
+            match layers[l].slots.build(n.gpu_slots(me).to_vec(), &slot_sources, spare) {
                 Ok(store) => built.push((l, store)),
                 Err(e) => {
                     problem.get_or_insert(format!("layer {l}: {e}"));
@@ -214,16 +236,21 @@ pub fn migrate(
             }
         }
     }
+    pool.extend(got);
 
     // Vote: commit everywhere or nowhere.
     let all_ok = comm.all_agree(problem.is_none())?;
     if all_ok {
         for (l, store) in built {
-            layers[l].slots = store;
+            let old = std::mem::replace(&mut layers[l].slots, store);
+            layers[l].spare = Some(old);
             layers[l].placement = new[l].clone();
         }
         outcome.committed = true;
     } else {
+        for (l, store) in built {
+            layers[l].spare = Some(store);
+        }
         outcome.rollback_reason =
             Some(problem.unwrap_or_else(|| "another worker could not install its new slots".into()));
     }
@@ -231,41 +258,132 @@ pub fn migrate(
     Ok(outcome)
 }
 
-fn unpack(
+/// Reads a message's header: where each state lies in it.
+fn index(
+    u: usize,
     msg: &[u8],
-    out: &mut std::collections::HashMap<(usize, usize), Vec<f32>>,
-    corrupt_pending: &mut bool,
+    out: &mut std::collections::HashMap<(usize, usize), (usize, std::ops::Range<usize>, u64)>,
 ) -> Result<(), String> {
     if msg.len() < 8 {
-        return Err(format!("{} bytes, shorter than its header", msg.len()));
+        return Err(format!("{} bytes, shorter than its trailer", msg.len()));
     }
-    let words = u64::from_le_bytes(msg[..8].try_into().unwrap_or_default()) as usize;
-    let head_end = 8usize.saturating_add(words.saturating_mul(8));
-    if !words.is_multiple_of(HEADER_WORDS) || head_end > msg.len() {
+    let words = u64::from_le_bytes(msg[msg.len() - 8..].try_into().unwrap_or_default()) as usize;
+    let head_bytes = words.saturating_mul(8);
+    if !words.is_multiple_of(HEADER_WORDS) || head_bytes > msg.len() - 8 {
         return Err(format!("a header of {words} words does not fit {} bytes", msg.len()));
     }
-    let head = from_bytes::<u64>(&msg[8..head_end]);
-    let body = from_bytes::<f32>(&msg[head_end..]);
+    let body_end = msg.len() - 8 - head_bytes;
+    let head = from_bytes::<u64>(&msg[body_end..msg.len() - 8]);
     let mut at = 0usize;
     for h in head.chunks_exact(HEADER_WORDS) {
         let (l, s, sum, len) = (h[0] as usize, h[1] as usize, h[3], h[4] as usize);
-        let Some(part) = body.get(at..at.saturating_add(len)) else {
+        let end = at.saturating_add(len);
+        if end > body_end {
             return Err(format!("state of layer {l} slot {s} is cut short"));
-        };
-        let mut v = part.to_vec();
-        if std::mem::take(corrupt_pending)
-            && let Some(x) = v.first_mut()
-        {
-            *x = f32::from_bits(x.to_bits() ^ 1);
         }
-        if checksum_f32(&v) != sum {
-            return Err(format!("checksum mismatch in the state of layer {l} slot {s} (expert {})", h[2]));
-        }
-        out.insert((l, s), v);
-        at += len;
+        out.insert((l, s), (u, at..end, sum));
+        at = end;
     }
-    if at != body.len() {
-        return Err(format!("{} values left over after the announced states", body.len() - at));
+    if at != body_end {
+        return Err(format!("{} bytes left over after the announced states", body_end - at));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checksum::Checksum;
+    use crate::comm::local::run_local;
+    use crate::experts::{ExpertRuntime, MoeShape};
+    use crate::optim::Adam;
+    use proptest::prelude::*;
+    use std::time::Duration;
+    use switchyard_kernels::{Activation, GateConfig};
+
+    fn shape(spw: usize) -> MoeShape {
+        MoeShape {
+            layers: 2,
+            d_model: 8,
+            d_ffn: 12,
+            experts: 6,
+            slots_per_worker: spw,
+            activation: Activation::Gelu,
+            gate: GateConfig { top_k: 1, ..GateConfig::default() },
+        }
+    }
+
+    fn sum(rt: &ExpertRuntime, comm: &dyn Communicator) -> u64 {
+        let mut c = Checksum::new();
+        rt.checksum(comm, &mut c).unwrap();
+        c.finish()
+    }
+
+    /// Runs one migration from `from` to `to` on 3 workers; returns (committed, checksum before, after,
+    /// slots after) of every worker.
+    fn migrate_once(from: &Placement, to: &Placement, fault: Option<Fault>) -> Vec<(bool, u64, u64, Vec<u32>)> {
+        let spw = from.slots_per_gpu;
+        run_local(3, Duration::from_secs(10), |comm| -> Result<_, RuntimeError> {
+            let mut rt = ExpertRuntime::new(&comm, shape(spw), vec![from.clone(); 2], 3, Adam::default(), None)?;
+            // Non-trivial moments, different per expert.
+            for l in rt.layers.iter_mut() {
+                for (j, &e) in l.slots.experts.clone().iter().enumerate() {
+                    for st in l.slots.adam.iter_mut() {
+                        let per = st.m.len() / spw;
+                        for x in &mut st.m[j * per..(j + 1) * per] {
+                            *x = e as f32 * 0.5 + 1.0;
+                        }
+                    }
+                }
+            }
+            let before = sum(&rt, &comm);
+            rt.next_fault = fault;
+            let out = rt.migrate_to(&comm, &[to.clone(), to.clone()])?;
+            let after = sum(&rt, &comm);
+            Ok((out.committed, before, after, rt.layers[0].slots.experts.clone()))
+        })
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+    }
+
+    fn placement_strategy() -> impl Strategy<Value = (Placement, Placement)> {
+        // 3 workers x 3 slots for 6 experts: two random valid placements.
+        let one = Just((0u32..6).collect::<Vec<_>>()).prop_shuffle().prop_flat_map(|base| {
+            proptest::collection::vec(0u32..6, 3).prop_map(move |extra| {
+                let mut all = base.clone();
+                all.extend(extra);
+                all
+            })
+        });
+        (one.clone().prop_shuffle(), one.prop_shuffle())
+            .prop_map(|(a, b)| (Placement::new(3, 3, 6, a).unwrap(), Placement::new(3, 3, 6, b).unwrap()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        #[test]
+        fn migration_preserves_every_byte((from, to) in placement_strategy()) {
+            for (rank, (committed, before, after, slots)) in migrate_once(&from, &to, None).into_iter().enumerate() {
+                prop_assert!(committed);
+                prop_assert_eq!(before, after, "worker {}: an expert's state changed in transit", rank);
+                prop_assert_eq!(slots.as_slice(), to.gpu_slots(rank));
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_migration_rolls_back_on_every_worker() {
+        let from = Placement::contiguous(3, 2, 6).unwrap();
+        let to = Placement::new(3, 2, 6, vec![2, 3, 4, 5, 0, 1]).unwrap();
+        for fault in [Fault::CorruptReceived { rank: 1 }, Fault::FailAfterExchange { rank: 2 }] {
+            for (rank, (committed, before, after, slots)) in
+                migrate_once(&from, &to, Some(fault)).into_iter().enumerate()
+            {
+                assert!(!committed, "{fault:?}: worker {rank} committed");
+                assert_eq!(before, after, "{fault:?}: worker {rank} lost state");
+                assert_eq!(slots.as_slice(), from.gpu_slots(rank), "{fault:?}: worker {rank} moved");
+            }
+        }
+    }
 }

@@ -336,7 +336,8 @@ pub fn worker_main(
     let start = Placement::contiguous(w, cfg.slots_per_worker, cfg.experts)
         .map_err(|e| RuntimeError::invalid("initial placement", e.to_string()))?;
     let mut rates = None;
-    let policy = if me == 0 && cfg.frequency != Frequency::Never && cfg.algorithm != Algorithm::Static {
+    // Worker 0 prices every step with the performance model (and, unless static, decides).
+    let policy = if me == 0 {
         let r = measure_local(cfg.threads_per_worker)?;
         rates = Some(r);
         let cluster = cpu_cluster(w, r);

@@ -21,6 +21,8 @@ pub enum BenchCommand {
     /// Time the CPU MoE layer forward and forward+backward against one plain GEMM of the same FLOPs (and,
     /// with --torch-python, the same layer in PyTorch).
     Kernels(KernelsBenchArgs),
+    /// Time expert migration on in-process workers against a plain memory copy of the same bytes.
+    Runtime(super::bench_runtime::RuntimeBenchArgs),
 }
 
 /// Arguments of `switchyard bench kernels`.
@@ -113,6 +115,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Planner(a) => planner(a),
         BenchCommand::Decision(a) => decision(a),
         BenchCommand::Kernels(a) => kernels(a),
+        BenchCommand::Runtime(a) => super::bench_runtime::run(a),
     }
 }
 

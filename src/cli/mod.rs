@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; no logic that belongs in a crate.
 
 mod bench;
+mod bench_runtime;
 mod calibrate;
 mod place;
 mod plan;

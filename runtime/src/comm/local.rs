@@ -407,6 +407,10 @@ impl Communicator for LocalComm {
         algo::all_to_all_v(self, send)
     }
 
+    fn all_to_all_v_owned(&self, send: Vec<Vec<u8>>) -> CommResult<Vec<Vec<u8>>> {
+        algo::all_to_all_v_owned(self, send)
+    }
+
     fn all_gather(&self, data: &[u8]) -> CommResult<Vec<Vec<u8>>> {
         algo::all_gather(self, Op::AllGather, data)
     }
@@ -605,6 +609,27 @@ pub(crate) mod algo {
         for j in 0..n {
             if j == me {
                 out.push(send[me].to_vec());
+            } else {
+                out.push(got.next().unwrap_or_default());
+            }
+        }
+        Ok(out)
+    }
+
+    /// See [`Communicator::all_to_all_v_owned`]: the buffers move to their receivers without a copy.
+    pub(crate) fn all_to_all_v_owned<C: Exchange + ?Sized>(c: &C, mut send: Vec<Vec<u8>>) -> CommResult<Vec<Vec<u8>>> {
+        let (n, me) = (c.size(), c.rank());
+        if send.len() != n {
+            return Err(invalid(c, Op::AllToAllV, format!("got {} send buffers for a group of {n} ranks", send.len())));
+        }
+        let peers = others(c);
+        let sends = peers.iter().map(|&j| (j, Cow::Owned(std::mem::take(&mut send[j])))).collect();
+        let got = c.exchange(Op::AllToAllV, sends, &peers)?;
+        let mut out = Vec::with_capacity(n);
+        let mut got = got.into_iter();
+        for j in 0..n {
+            if j == me {
+                out.push(std::mem::take(&mut send[me]));
             } else {
                 out.push(got.next().unwrap_or_default());
             }

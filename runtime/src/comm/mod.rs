@@ -94,6 +94,12 @@ pub trait Communicator: Send + Sync {
     /// All-to-all with per-peer sizes: `send[i]` goes to rank `i` (including this rank);
     /// returns `recv` with `recv[j]` the bytes rank `j` sent here. `send.len()` must be `size()`.
     fn all_to_all_v(&self, send: &[&[u8]]) -> CommResult<Vec<Vec<u8>>>;
+    /// As [`Communicator::all_to_all_v`], taking ownership of the buffers: transports that can hand a
+    /// buffer over without copying it (the in-process one) do so. `send[rank]` comes back as `recv[rank]`.
+    fn all_to_all_v_owned(&self, send: Vec<Vec<u8>>) -> CommResult<Vec<Vec<u8>>> {
+        let refs: Vec<&[u8]> = send.iter().map(|v| v.as_slice()).collect();
+        self.all_to_all_v(&refs)
+    }
     /// Every rank's `data`, in rank order (sizes may differ between ranks).
     fn all_gather(&self, data: &[u8]) -> CommResult<Vec<Vec<u8>>>;
     /// Replaces `data` on every rank with `root`'s.

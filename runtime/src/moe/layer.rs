@@ -34,6 +34,9 @@ pub struct DistMoeLayer {
     pub placement: Placement,
     /// This worker's slots.
     pub slots: SlotStore,
+    /// The buffers of the slots before the last migration (or of a rolled-back one), reused by the next
+    /// migration so that it writes into memory already touched (double buffering).
+    pub spare: Option<SlotStore>,
 }
 
 /// What the forward keeps for the backward.

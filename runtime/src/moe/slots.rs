@@ -4,8 +4,27 @@
 
 use switchyard_kernels::{Activation, ExpertGrads, ExpertParams, Storage, Stored};
 
+use crate::checksum::ByteChecksum;
 use crate::error::RuntimeError;
 use crate::optim::{Adam, AdamState};
+
+/// Floats copied (and checksummed) per chunk: small enough to stay in the L1/L2 cache between the copy and
+/// the checksum.
+const CHUNK: usize = 4096;
+
+/// Where a new slot's state comes from in a migration.
+#[derive(Debug, Clone, Copy)]
+pub enum SlotSource<'a> {
+    /// This worker's old slot.
+    Local(usize),
+    /// Bytes transferred from another worker ([`SlotStore::append_slot_bytes`] layout) and their checksum.
+    Bytes {
+        /// The state.
+        bytes: &'a [u8],
+        /// Its checksum as the sender computed it.
+        checksum: u64,
+    },
+}
 
 /// The four tensors of an expert (or of a stack of experts), in the kernels' order.
 pub const TENSORS: [&str; 4] = ["w_in", "b_in", "w_out", "b_out"];
@@ -97,37 +116,126 @@ impl SlotStore {
         }
     }
 
-    /// Builds a store from exported states (one per slot, in slot order), keeping the optimizer's step
-    /// count and hyper-state of `self`.
-    pub fn from_states(&self, experts: Vec<u32>, states: &[&[f32]]) -> Result<Self, RuntimeError> {
+    /// The twelve parts of slot `j`'s state in transfer order: the four weights, their first moments,
+    /// their second moments (`TENSORS` order in each).
+    pub fn slot_parts(&self, j: usize) -> [&[f32]; 12] {
+        let sizes = self.sizes();
+        let w = self.weights();
+        std::array::from_fn(|p| {
+            let (part, i) = (p / 4, p % 4);
+            let src: &[f32] = match part {
+                0 => w[i],
+                1 => &self.adam[i].m,
+                _ => &self.adam[i].v,
+            };
+            &src[j * sizes[i]..(j + 1) * sizes[i]]
+        })
+    }
+
+    /// Appends slot `j`'s whole state as bytes to `out`, adding them to `sum` as it goes (one pass).
+    pub fn append_slot_bytes(&self, j: usize, out: &mut Vec<u8>, sum: &mut ByteChecksum) {
+        for part in self.slot_parts(j) {
+            for chunk in part.chunks(CHUNK) {
+                let at = out.len();
+                out.extend_from_slice(bytemuck::cast_slice(chunk));
+                sum.update(&out[at..]);
+            }
+        }
+    }
+
+    /// Builds the store of new slots holding `experts`, slot `j` taking its state from `sources[j]`: this
+    /// store's slot, or transferred bytes verified against their checksum while they are copied in. Reuses
+    /// the buffers of `spare` (a store no longer needed) when given, so no fresh memory is touched. Keeps
+    /// the optimizer's step counts of `self`.
+    pub fn build(
+        &self,
+        experts: Vec<u32>,
+        sources: &[SlotSource<'_>],
+        spare: Option<SlotStore>,
+    ) -> Result<Self, RuntimeError> {
         let sizes = self.sizes();
         let per: usize = sizes.iter().sum();
-        let mut w: [Vec<f32>; 4] = Default::default();
-        let mut m: [Vec<f32>; 4] = Default::default();
-        let mut v: [Vec<f32>; 4] = Default::default();
-        for (j, s) in states.iter().enumerate() {
-            if s.len() != 3 * per {
-                return Err(RuntimeError::Invalid {
-                    what: format!("state of slot {j}"),
-                    reason: format!("has {} values, expected {}", s.len(), 3 * per),
-                });
-            }
-            let mut at = 0;
-            for dst in [&mut w, &mut m, &mut v] {
-                for i in 0..4 {
-                    dst[i].extend_from_slice(&s[at..at + sizes[i]]);
-                    at += sizes[i];
+        let n = experts.len();
+        if sources.len() != n {
+            return Err(RuntimeError::invalid("new slots", format!("{} sources for {n} slots", sources.len())));
+        }
+        let mut bufs: [Vec<f32>; 12] = Default::default();
+        if let Some(sp) = spare {
+            let SlotStore { params, adam, .. } = sp;
+            let ExpertParams { w_in, b_in, w_out, b_out, .. } = params;
+            let f = |s: Stored| match s {
+                Stored::F32(v) => v,
+                Stored::Bf16(_) => Vec::new(),
+            };
+            let [a0, a1, a2, a3] = adam;
+            bufs = [f(w_in), b_in, f(w_out), b_out, a0.m, a1.m, a2.m, a3.m, a0.v, a1.v, a2.v, a3.v];
+        }
+        for (p, b) in bufs.iter_mut().enumerate() {
+            b.clear();
+            b.reserve(n * sizes[p % 4]);
+        }
+        for (j, src) in sources.iter().enumerate() {
+            match *src {
+                SlotSource::Local(jj) => {
+                    if jj >= self.len() {
+                        return Err(RuntimeError::invalid(
+                            "new slots",
+                            format!("slot {j} copies old slot {jj} of {}", self.len()),
+                        ));
+                    }
+                    for (b, part) in bufs.iter_mut().zip(self.slot_parts(jj)) {
+                        b.extend_from_slice(part);
+                    }
+                }
+                SlotSource::Bytes { bytes, checksum } => {
+                    if bytes.len() != 4 * 3 * per {
+                        return Err(RuntimeError::invalid(
+                            "transferred state",
+                            format!("slot {j}: {} bytes, expected {}", bytes.len(), 12 * per),
+                        ));
+                    }
+                    let mut sum = ByteChecksum::new();
+                    let mut at = 0;
+                    for (p, b) in bufs.iter_mut().enumerate() {
+                        let part = &bytes[at..at + 4 * sizes[p % 4]];
+                        at += part.len();
+                        for chunk in part.chunks(4 * CHUNK) {
+                            match bytemuck::try_cast_slice::<u8, f32>(chunk) {
+                                Ok(f) => b.extend_from_slice(f),
+                                Err(_) => b.extend(
+                                    chunk.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4]))),
+                                ),
+                            }
+                            sum.update(chunk);
+                        }
+                    }
+                    if sum.finish() != checksum {
+                        return Err(RuntimeError::invalid(
+                            "transferred state",
+                            format!("slot {j} (expert {}): checksum mismatch", experts[j]),
+                        ));
+                    }
                 }
             }
         }
+        let [w_in, b_in, w_out, b_out, m0, m1, m2, m3, v0, v1, v2, v3] = bufs;
         let p = &self.params;
-        let [w_in, b_in, w_out, b_out] = w;
-        let params =
-            ExpertParams::new(p.activation, experts.len(), p.d_model, p.d_ffn, w_in, b_in, w_out, b_out, Storage::F32)?;
-        let mut adam = self.adam.clone();
-        for i in 0..4 {
-            adam[i].m = std::mem::take(&mut m[i]);
-            adam[i].v = std::mem::take(&mut v[i]);
+        // The states were finite where they came from and arrived intact (checksums): check the shapes only.
+        let params = ExpertParams {
+            activation: p.activation,
+            experts: n,
+            d_model: p.d_model,
+            d_ffn: p.d_ffn,
+            w_in: Stored::F32(w_in),
+            b_in,
+            w_out: Stored::F32(w_out),
+            b_out,
+        };
+        params.validate()?;
+        let mut adam = self.adam.clone_steps();
+        for (i, (m, v)) in [(m0, v0), (m1, v1), (m2, v2), (m3, v3)].into_iter().enumerate() {
+            adam[i].m = m;
+            adam[i].v = v;
         }
         Ok(Self { experts, params, adam })
     }
@@ -153,6 +261,17 @@ impl SlotStore {
             adam.step(param, g[i], st)?;
         }
         Ok(())
+    }
+}
+
+trait CloneSteps {
+    fn clone_steps(&self) -> [AdamState; 4];
+}
+
+impl CloneSteps for [AdamState; 4] {
+    /// Empty moments with the same step counts.
+    fn clone_steps(&self) -> [AdamState; 4] {
+        std::array::from_fn(|i| AdamState { m: Vec::new(), v: Vec::new(), step: self[i].step })
     }
 }
 
