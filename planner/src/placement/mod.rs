@@ -6,6 +6,7 @@ pub mod cost_inputs;
 pub mod eplb;
 pub mod eplb_format;
 pub mod error;
+pub mod exact;
 pub mod fastermoe;
 pub mod shares;
 pub mod smartmoe;
