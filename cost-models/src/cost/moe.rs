@@ -4,7 +4,6 @@
 
 use serde::Serialize;
 
-use super::comm::all_to_all_time_s;
 use super::compute::{DeviceRates, elementwise_time_s, ffn_time_s};
 use super::fabric::Fabric;
 use crate::cluster::ModelConstants;
@@ -77,6 +76,67 @@ pub fn traffic_tokens(load: &LoadMatrix, placement: &Placement) -> Vec<Vec<f64>>
     t
 }
 
+/// What [`moe_layer_exact`] derives from the load matrix alone (per-expert loads, each source rank's tokens, the
+/// counts as floats), computed once so that several placements can be priced under one load
+/// ([`moe_layer_exact_prepared`]) with exactly the results of [`moe_layer_exact`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedLoad {
+    ranks: usize,
+    experts: usize,
+    /// Tokens routed to each expert (the column sums).
+    loads: Vec<f64>,
+    /// Tokens each source rank routes (the row sums).
+    own: Vec<f64>,
+    /// The counts, expert-major: `by_expert[x * ranks + s]` is what rank `s` routes to expert `x`.
+    by_expert: Vec<f64>,
+}
+
+impl PreparedLoad {
+    /// Prepares `load` for pricing.
+    pub fn new(load: &LoadMatrix) -> PreparedLoad {
+        let loads = load.expert_loads().into_iter().map(|x| x as f64).collect();
+        let (r, e) = (load.ranks, load.experts);
+        // Eight columns at a time (one cache line of each row), each row's sum accumulating in column order as
+        // a sum along the row does (from -0.0, as `Iterator::sum` starts).
+        let mut own = vec![-0.0; r];
+        let mut by_expert = vec![0.0; r * e];
+        for x0 in (0..e).step_by(8) {
+            let x1 = (x0 + 8).min(e);
+            for (s, o) in own.iter_mut().enumerate() {
+                let mut sum = *o;
+                for (x, &c) in (x0..x1).zip(&load.counts[s * e + x0..s * e + x1]) {
+                    let v = to_f64(c);
+                    sum += v;
+                    by_expert[x * r + s] = v;
+                }
+                *o = sum;
+            }
+        }
+        PreparedLoad { ranks: r, experts: e, loads, own, by_expert }
+    }
+
+    /// Tokens routed to each expert.
+    pub fn expert_loads(&self) -> &[f64] {
+        &self.loads
+    }
+
+    /// Source ranks.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Experts.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+}
+
+/// `x as f64` (through the signed conversion, one instruction, where it is the same value).
+#[inline]
+fn to_f64(x: u64) -> f64 {
+    if x <= i64::MAX as u64 { x as i64 as f64 } else { x as f64 }
+}
+
 /// Models one MoE layer, forward and backward, for the load of one iteration (or micro-batch) `load` (rows:
 /// source GPUs of the expert-parallel group, which are also the placement's GPUs), the placement, and where the
 /// group's GPUs sit (`gpus[i]` is the global index of group GPU `i`). Errors when the shapes disagree.
@@ -100,15 +160,42 @@ pub fn moe_layer_exact(
     if load.experts != placement.experts {
         return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
     }
+    moe_layer_exact_prepared(shape, &PreparedLoad::new(load), placement, gpus, fabric, c, hierarchical)
+}
+
+/// [`moe_layer_exact`] for a load prepared once ([`PreparedLoad`]): the same result, bit for bit.
+pub fn moe_layer_exact_prepared(
+    shape: &MoeLayerShape,
+    load: &PreparedLoad,
+    placement: &Placement,
+    gpus: &[u32],
+    fabric: &Fabric,
+    c: &ModelConstants,
+    hierarchical: bool,
+) -> Result<MoeLayerTime, String> {
+    if load.ranks != placement.gpus || gpus.len() != placement.gpus {
+        return Err(format!(
+            "the load matrix has {} source ranks, the placement {} GPUs and the group {} GPUs; they must agree",
+            load.ranks,
+            placement.gpus,
+            gpus.len()
+        ));
+    }
+    if load.experts != placement.experts {
+        return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
+    }
     let d = shape.d_model as f64;
-    let loads: Vec<f64> = load.expert_loads().into_iter().map(|x| x as f64).collect();
+    let ng = placement.gpus;
+    let spg = placement.slots_per_gpu.max(1);
     let cnt = placement.replica_counts();
+    let share: Vec<f64> = (0..placement.slots.len()).map(|slot| placement.share(slot, &cnt)).collect();
+    let slot_gpu: Vec<usize> = (0..ng).flat_map(|g| std::iter::repeat_n(g, spg)).take(placement.slots.len()).collect();
     // Compute per GPU: each slot runs its share of its expert's tokens.
-    let mut gpu_time = vec![0.0; placement.gpus];
-    let mut gpu_tokens = vec![0.0; placement.gpus];
-    for (slot, &e) in placement.slots.iter().enumerate() {
-        let g = placement.gpu_of_slot(slot);
-        let tokens = loads[e as usize] * placement.share(slot, &cnt);
+    let mut gpu_time = vec![0.0; ng];
+    let mut gpu_tokens = vec![0.0; ng];
+    for (slot, (&e, &sh)) in placement.slots.iter().zip(&share).enumerate() {
+        let g = slot_gpu[slot];
+        let tokens = load.loads[e as usize] * sh;
         if tokens <= 0.0 {
             continue;
         }
@@ -126,36 +213,69 @@ pub fn moe_layer_exact(
     }
     // Local permutation on each source GPU: gather its tokens into per-expert buffers and scatter the results
     // back (read + write, dispatch + combine, forward + backward), memory-bound.
-    for (s, t) in gpu_time.iter_mut().enumerate().take(load.ranks) {
-        let own: f64 = load.row(s).iter().map(|&x| x as f64).sum();
+    for (t, &own) in gpu_time.iter_mut().zip(&load.own) {
         *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
     }
     let (busiest_gpu, compute_s) =
         gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
-    // Dispatch bytes s -> g and the combine's reverse; backward repeats both.
-    let tokens = traffic_tokens(load, placement);
-    let bytes: Vec<Vec<f64>> =
-        tokens.iter().map(|r| r.iter().map(|t| t * d * shape.act_bytes as f64).collect()).collect();
-    let transposed: Vec<Vec<f64>> =
-        (0..placement.gpus).map(|g| (0..load.ranks).map(|s| bytes[s][g]).collect()).collect();
-    let dispatch = all_to_all_time_s(&bytes, gpus, fabric, hierarchical);
-    let combine = all_to_all_time_s(&transposed, gpus, fabric, hierarchical);
+    // Dispatch bytes s -> g (each source's tokens to each GPU, as [`traffic_tokens`] counts them) and the
+    // combine's reverse; backward repeats both.
+    let ab = shape.act_bytes as f64;
+    // Bytes each GPU receives from each source, GPU-major: `to_gpu[g * ranks + s]` (each source's tokens of the
+    // GPU's slots, in slot order, as [`traffic_tokens`] sums them, then scaled); the sums over slots run along
+    // the sources, all sources at once.
+    let r = load.ranks;
+    let mut to_gpu = vec![0.0; ng * r];
+    for ((out, xs), sh) in
+        to_gpu.chunks_exact_mut(r.max(1)).zip(placement.slots.chunks_exact(spg)).zip(share.chunks_exact(spg))
+    {
+        for (&x, &f) in xs.iter().zip(sh) {
+            let col = &load.by_expert[x as usize * r..(x as usize + 1) * r];
+            for (o, &c) in out.iter_mut().zip(col) {
+                *o += c * f;
+            }
+        }
+        for o in out.iter_mut() {
+            *o = *o * d * ab;
+        }
+    }
+    // `to_gpu` is the dispatch matrix transposed: the combine's matrix.
+    let (combine, dispatch) = all_to_all_both_ways_s(&to_gpu, gpus, fabric, hierarchical);
     let a2a_s = 2.0 * (dispatch + combine);
     // Replica gradient sync: one ring all-reduce per replicated expert, all running together. Each holder
     // sends 2 (r-1)/r of the gradient over its link; a ring that spans k nodes crosses each of them once in and
     // once out, so each spanned node's NICs carry 2 (r-1)/r of the gradient per such expert.
     let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
-    let slots = placement.expert_slots();
-    let mut replica_sets: Vec<Vec<u32>> = Vec::new();
-    for (e, s) in slots.iter().enumerate() {
-        if cnt[e] > 1 {
-            let mut members: Vec<u32> = s.iter().map(|&x| gpus[placement.gpu_of_slot(x)]).collect();
-            members.sort_unstable();
-            members.dedup();
-            replica_sets.push(members);
+    // The distinct GPUs of each replicated expert, in increasing global index, one set after another.
+    let mut starts = vec![0usize; placement.experts + 1];
+    for &x in &placement.slots {
+        starts[x as usize + 1] += 1;
+    }
+    for x in 0..placement.experts {
+        starts[x + 1] += starts[x];
+    }
+    let mut fill = starts.clone();
+    let mut members = vec![0u32; placement.slots.len()];
+    for (&x, &g) in placement.slots.iter().zip(&slot_gpu) {
+        members[fill[x as usize]] = gpus[g];
+        fill[x as usize] += 1;
+    }
+    let mut sets: Vec<(usize, usize)> = Vec::new();
+    for x in 0..placement.experts {
+        if cnt[x] > 1 {
+            let m = &mut members[starts[x]..starts[x + 1]];
+            m.sort_unstable();
+            let mut k = 1;
+            for i in 1..m.len() {
+                if m[i] != m[k - 1] {
+                    m[k] = m[i];
+                    k += 1;
+                }
+            }
+            sets.push((starts[x], starts[x] + k));
         }
     }
-    let sync_s = replica_sync_time_s(&replica_sets, grad_bytes, fabric);
+    let sync_s = replica_sync_sets(sets.iter().map(|&(a, b)| &members[a..b]), grad_bytes, fabric);
     let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
     let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
     let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
@@ -172,54 +292,328 @@ pub fn moe_layer_exact(
     })
 }
 
+/// [`super::comm::all_to_all_time_s`] of a square byte matrix (row-major, `bytes[s * g + d]` from `s` to `d`) and of its
+/// transpose, without building either as nested vectors: each sum is taken in the order `all_to_all_time_s`
+/// takes it, so the two times are those of `all_to_all_time_s(bytes)` and `all_to_all_time_s(transposed)`
+/// exactly.
+fn all_to_all_both_ways_s(bytes: &[f64], gpus: &[u32], fabric: &Fabric, hierarchical: bool) -> (f64, f64) {
+    let g = gpus.len();
+    if g <= 1 {
+        return (0.0, 0.0);
+    }
+    let links = A2aLinks::new(gpus, fabric);
+    let mut scratch = A2aScratch::new(g, links.nodes);
+    let mut scratch_t = A2aScratch::new(g, links.nodes);
+    // Both directions in one sweep (two independent chains of additions), each in its own order.
+    let peers = links.tally_both(bytes, hierarchical, &mut scratch, &mut scratch_t);
+    let dispatch = links.finish(&scratch, peers.0, fabric, hierarchical);
+    let combine = links.finish(&scratch_t, peers.1, fabric, hierarchical);
+    (dispatch, combine)
+}
+
+/// [`super::comm::all_to_all_time_s`] of a sparse byte matrix: `entries` are `(source, destination, bytes)`
+/// sorted by source then destination, one per pair (the matrix is zero elsewhere); the same time, bit for bit,
+/// in time proportional to the entries rather than to the square of the GPUs.
+pub fn all_to_all_sparse_time_s(
+    entries: &[(usize, usize, f64)],
+    gpus: &[u32],
+    fabric: &Fabric,
+    hierarchical: bool,
+) -> f64 {
+    let g = gpus.len();
+    if g <= 1 {
+        return 0.0;
+    }
+    let links = A2aLinks::new(gpus, fabric);
+    let mut w = A2aScratch::new(g, links.nodes);
+    let nix = &links.nix;
+    let (mut max_peers_intra, mut max_peers_inter) = (0usize, 0usize);
+    let mut i = 0;
+    while i < entries.len() {
+        let s = entries[i].0;
+        let (mut pi, mut pe) = (0, 0);
+        while i < entries.len() && entries[i].0 == s {
+            let (_, d, b) = entries[i];
+            i += 1;
+            if s == d || b <= 0.0 {
+                continue;
+            }
+            if nix[s] == nix[d] {
+                w.intra_send[s] += b;
+                w.intra_recv[d] += b;
+                pi += 1;
+            } else {
+                w.inter_send[nix[s]] += b;
+                w.inter_recv[nix[d]] += b;
+                if hierarchical {
+                    w.intra_send[s] += b;
+                    w.intra_recv[d] += b;
+                }
+                pe += 1;
+            }
+        }
+        max_peers_intra = max_peers_intra.max(pi);
+        max_peers_inter = max_peers_inter.max(pe);
+    }
+    links.finish(&w, (max_peers_intra, max_peers_inter), fabric, hierarchical)
+}
+
+/// Where each GPU of an all-to-all sits and what its links carry ([`all_to_all_both_ways_s`]).
+struct A2aLinks {
+    nix: Vec<usize>,
+    intra_bw: Vec<f64>,
+    inter_bw: Vec<f64>,
+    k: f64,
+    nodes: usize,
+}
+
+/// Bytes each GPU sends and receives within its node and each node sends and receives across nodes.
+struct A2aScratch {
+    intra_send: Vec<f64>,
+    intra_recv: Vec<f64>,
+    inter_send: Vec<f64>,
+    inter_recv: Vec<f64>,
+}
+
+impl A2aScratch {
+    fn new(gpus: usize, nodes: usize) -> A2aScratch {
+        A2aScratch {
+            intra_send: vec![0.0; gpus],
+            intra_recv: vec![0.0; gpus],
+            inter_send: vec![0.0; nodes],
+            inter_recv: vec![0.0; nodes],
+        }
+    }
+}
+
+impl A2aLinks {
+    /// The node of each GPU (an index into the sorted distinct nodes) and the link figures of each node.
+    fn new(gpus: &[u32], fabric: &Fabric) -> A2aLinks {
+        let node_of: Vec<u32> = gpus.iter().map(|&x| fabric.node_of(x)).collect();
+        let mut nodes = node_of.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let nix: Vec<usize> = node_of.iter().map(|n| nodes.binary_search(n).unwrap_or(0)).collect();
+        let mut gpus_on_node = vec![0u32; nodes.len()];
+        for &n in &nix {
+            gpus_on_node[n] += 1;
+        }
+        A2aLinks {
+            nix,
+            intra_bw: gpus_on_node.iter().map(|&m| fabric.intra_link(m).per_gpu_bytes_per_s).collect(),
+            inter_bw: gpus_on_node.iter().map(|&m| fabric.node_inter_bytes_per_s(m)).collect(),
+            k: gpus_on_node.iter().copied().max().unwrap_or(1) as f64,
+            nodes: nodes.len(),
+        }
+    }
+
+    /// The byte tallies of [`super::comm::all_to_all_time_s`] for the square matrix `bytes` (into `w`) and for its
+    /// transpose (into `wt`), each sum in the order that function takes it; returns the largest numbers of
+    /// intra- and inter-node peers of one sender, for each direction.
+    fn tally_both(
+        &self,
+        bytes: &[f64],
+        hierarchical: bool,
+        w: &mut A2aScratch,
+        wt: &mut A2aScratch,
+    ) -> ((usize, usize), (usize, usize)) {
+        if hierarchical { self.tally_both_as::<true>(bytes, w, wt) } else { self.tally_both_as::<false>(bytes, w, wt) }
+    }
+
+    fn tally_both_as<const HIERARCHICAL: bool>(
+        &self,
+        bytes: &[f64],
+        w: &mut A2aScratch,
+        wt: &mut A2aScratch,
+    ) -> ((usize, usize), (usize, usize)) {
+        let g = self.nix.len();
+        let nix = &self.nix;
+        // Runs of consecutive destinations on one node: within a run the node's running sums stay in registers.
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (d, &n) in nix.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if run.2 == n => run.1 = d + 1,
+                _ => runs.push((d, d + 1, n)),
+            }
+        }
+        let positive = |b: f64| {
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            let p = !(b <= 0.0);
+            p
+        };
+        let mut peers = (0usize, 0usize);
+        let mut peers_t = (0usize, 0usize);
+        for (s, row) in bytes.chunks_exact(g).enumerate() {
+            let ns = nix[s];
+            let (mut pi, mut pe, mut pi_t, mut pe_t) = (0, 0, 0, 0);
+            // The sender's running sums (the same additions in the same order as one at a time).
+            let (mut send, mut send_t) = (w.intra_send[s], wt.intra_send[s]);
+            let (mut inter, mut inter_t) = (w.inter_send[ns], wt.inter_send[ns]);
+            for &(d0, d1, nd) in &runs {
+                if nd == ns {
+                    for d in d0..d1 {
+                        if d == s {
+                            continue;
+                        }
+                        let (b, bt) = (row[d], bytes[d * g + s]);
+                        if positive(b) {
+                            send += b;
+                            w.intra_recv[d] += b;
+                            pi += 1;
+                        }
+                        if positive(bt) {
+                            send_t += bt;
+                            wt.intra_recv[d] += bt;
+                            pi_t += 1;
+                        }
+                    }
+                } else {
+                    let (mut recv, mut recv_t) = (w.inter_recv[nd], wt.inter_recv[nd]);
+                    for d in d0..d1 {
+                        let (b, bt) = (row[d], bytes[d * g + s]);
+                        if positive(b) {
+                            inter += b;
+                            recv += b;
+                            if HIERARCHICAL {
+                                send += b;
+                                w.intra_recv[d] += b;
+                            }
+                            pe += 1;
+                        }
+                        if positive(bt) {
+                            inter_t += bt;
+                            recv_t += bt;
+                            if HIERARCHICAL {
+                                send_t += bt;
+                                wt.intra_recv[d] += bt;
+                            }
+                            pe_t += 1;
+                        }
+                    }
+                    w.inter_recv[nd] = recv;
+                    wt.inter_recv[nd] = recv_t;
+                }
+            }
+            w.intra_send[s] = send;
+            wt.intra_send[s] = send_t;
+            w.inter_send[ns] = inter;
+            wt.inter_send[ns] = inter_t;
+            peers = (peers.0.max(pi), peers.1.max(pe));
+            peers_t = (peers_t.0.max(pi_t), peers_t.1.max(pe_t));
+        }
+        (peers, peers_t)
+    }
+
+    /// The time from the tallies, as [`super::comm::all_to_all_time_s`] takes it.
+    fn finish(
+        &self,
+        w: &A2aScratch,
+        (max_peers_intra, max_peers_inter): (usize, usize),
+        fabric: &Fabric,
+        hierarchical: bool,
+    ) -> f64 {
+        let g = self.nix.len();
+        let nix = &self.nix;
+        let intra = (0..g).map(|i| w.intra_send[i].max(w.intra_recv[i]) / self.intra_bw[nix[i]]).fold(0.0, f64::max);
+        let inter =
+            (0..self.nodes).map(|n| w.inter_send[n].max(w.inter_recv[n]) / self.inter_bw[n]).fold(0.0, f64::max);
+        let latency = if hierarchical {
+            let remote_nodes = (self.nodes as f64 - 1.0).max(0.0);
+            let lat_inter = if max_peers_inter > 0 { remote_nodes * fabric.inter_latency_s } else { 0.0 };
+            (self.k - 1.0) * fabric.intra_latency_s * 2.0 + lat_inter
+        } else {
+            max_peers_intra as f64 * fabric.intra_latency_s + max_peers_inter as f64 * fabric.inter_latency_s
+        };
+        let phases = if hierarchical && self.nodes > 1 { 2.0 } else { 1.0 };
+        if intra == 0.0 && inter == 0.0 {
+            return 0.0;
+        }
+        if hierarchical && self.nodes > 1 {
+            intra + inter + latency + phases * fabric.collective_launch_s
+        } else {
+            intra.max(inter) + latency + fabric.collective_launch_s
+        }
+    }
+}
+
 /// Time of the concurrent ring all-reduces that synchronise replicated experts: `sets[i]` are the GPUs (global
 /// indices) holding expert i's replicas, each reducing `bytes` of gradient. The busiest GPU link and the busiest
 /// node's NICs bound it; the ring's latency adds once per step of the longest ring.
 pub fn replica_sync_time_s(sets: &[Vec<u32>], bytes: f64, fabric: &Fabric) -> f64 {
-    if sets.is_empty() || bytes <= 0.0 {
+    if sets.is_empty() {
         return 0.0;
     }
-    let mut gpu_bytes: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
-    let mut node_bytes: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
-    let mut node_gpus: std::collections::HashMap<u32, std::collections::BTreeSet<u32>> =
-        std::collections::HashMap::new();
+    replica_sync_sets(sets.iter().map(|s| s.as_slice()), bytes, fabric)
+}
+
+/// [`replica_sync_time_s`] over any sequence of sets (per-GPU and per-node tallies in arrays indexed by GPU and
+/// node rather than hash maps: the maxima do not depend on the order).
+fn replica_sync_sets<'a>(sets: impl Iterator<Item = &'a [u32]> + Clone, bytes: f64, fabric: &Fabric) -> f64 {
+    if bytes <= 0.0 {
+        return 0.0;
+    }
+    let mut max_gpu = None::<u32>;
     let mut longest = 0usize;
+    for set in sets.clone() {
+        if set.len() < 2 {
+            continue;
+        }
+        longest = longest.max(set.len());
+        for &g in set {
+            max_gpu = max_gpu.max(Some(g));
+        }
+    }
+    let Some(max_gpu) = max_gpu.filter(|_| longest >= 2) else { return 0.0 };
+    // Nodes number GPUs in blocks, so the last GPU's node is the last node.
+    let (ng, nn) = (max_gpu as usize + 1, fabric.node_of(max_gpu) as usize + 1);
+    let mut gpu_bytes: Vec<Option<f64>> = vec![None; ng];
+    // The node of each GPU seen (u32::MAX: not seen), each computed once.
+    let mut gpu_node = vec![u32::MAX; ng];
+    let mut node_bytes: Vec<Option<f64>> = vec![None; nn];
+    let mut node_gpus = vec![0u32; nn];
     let mut crosses = false;
+    let mut nodes: Vec<u32> = Vec::new();
     for set in sets {
         let r = set.len();
         if r < 2 {
             continue;
         }
-        longest = longest.max(r);
         let share = 2.0 * (r as f64 - 1.0) / r as f64 * bytes;
+        nodes.clear();
         for &g in set {
-            *gpu_bytes.entry(g).or_default() += share;
-            node_gpus.entry(fabric.node_of(g)).or_default().insert(g);
+            let b = &mut gpu_bytes[g as usize];
+            if b.is_none() {
+                let n = fabric.node_of(g);
+                gpu_node[g as usize] = n;
+                node_gpus[n as usize] += 1;
+            }
+            *b.get_or_insert(0.0) += share;
+            nodes.push(gpu_node[g as usize]);
         }
-        let mut nodes: Vec<u32> = set.iter().map(|&g| fabric.node_of(g)).collect();
         nodes.sort_unstable();
         nodes.dedup();
         if nodes.len() > 1 {
             crosses = true;
-            for n in nodes {
-                *node_bytes.entry(n).or_default() += share;
+            for &n in &nodes {
+                *node_bytes[n as usize].get_or_insert(0.0) += share;
             }
         }
     }
-    if longest < 2 {
-        return 0.0;
-    }
     let intra = gpu_bytes
         .iter()
-        .map(|(g, b)| {
-            let m = node_gpus.get(&fabric.node_of(*g)).map_or(1, |s| s.len() as u32);
+        .zip(&gpu_node)
+        .filter_map(|(b, &n)| b.map(|b| (n, b)))
+        .map(|(n, b)| {
+            let m = node_gpus[n as usize].max(1);
             b / fabric.intra_link(m).per_gpu_bytes_per_s
         })
         .fold(0.0, f64::max);
     let inter = node_bytes
         .iter()
+        .enumerate()
+        .filter_map(|(n, b)| b.map(|b| (n, b)))
         .map(|(n, b)| {
-            let m = node_gpus.get(n).map_or(1, |s| s.len() as u32);
+            let m = node_gpus[n].max(1);
             b / fabric.node_inter_bytes_per_s(m)
         })
         .fold(0.0, f64::max);
@@ -339,5 +733,272 @@ mod tests {
         assert!((t.compute_ms - expect_s * 1e3).abs() < 1e-6, "{}", t.compute_ms);
         assert!((t.overhead_ms - 0.1).abs() < 1e-12);
         assert!((t.total_ms - (t.compute_ms + 0.1)).abs() < 1e-9);
+    }
+}
+
+/// The prepared pricing against the layer model as first written (one evaluation per call, nested vectors, hash
+/// maps): the same numbers, bit for bit.
+#[cfg(test)]
+mod prepared_equals_reference {
+    use std::collections::{BTreeSet, HashMap};
+
+    use proptest::prelude::*;
+
+    use super::super::comm::all_to_all_time_s;
+    use super::*;
+
+    fn reference_sync(sets: &[Vec<u32>], bytes: f64, fabric: &Fabric) -> f64 {
+        if sets.is_empty() || bytes <= 0.0 {
+            return 0.0;
+        }
+        let mut gpu_bytes: HashMap<u32, f64> = HashMap::new();
+        let mut node_bytes: HashMap<u32, f64> = HashMap::new();
+        let mut node_gpus: HashMap<u32, BTreeSet<u32>> = HashMap::new();
+        let mut longest = 0usize;
+        let mut crosses = false;
+        for set in sets {
+            let r = set.len();
+            if r < 2 {
+                continue;
+            }
+            longest = longest.max(r);
+            let share = 2.0 * (r as f64 - 1.0) / r as f64 * bytes;
+            for &g in set {
+                *gpu_bytes.entry(g).or_default() += share;
+                node_gpus.entry(fabric.node_of(g)).or_default().insert(g);
+            }
+            let mut nodes: Vec<u32> = set.iter().map(|&g| fabric.node_of(g)).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            if nodes.len() > 1 {
+                crosses = true;
+                for n in nodes {
+                    *node_bytes.entry(n).or_default() += share;
+                }
+            }
+        }
+        if longest < 2 {
+            return 0.0;
+        }
+        let intra = gpu_bytes
+            .iter()
+            .map(|(g, b)| {
+                let m = node_gpus.get(&fabric.node_of(*g)).map_or(1, |s| s.len() as u32);
+                b / fabric.intra_link(m).per_gpu_bytes_per_s
+            })
+            .fold(0.0, f64::max);
+        let inter = node_bytes
+            .iter()
+            .map(|(n, b)| {
+                let m = node_gpus.get(n).map_or(1, |s| s.len() as u32);
+                b / fabric.node_inter_bytes_per_s(m)
+            })
+            .fold(0.0, f64::max);
+        let lat = if crosses { fabric.inter_latency_s } else { fabric.intra_latency_s };
+        intra.max(inter) + 2.0 * (longest as f64 - 1.0) * lat + fabric.collective_launch_s
+    }
+
+    fn reference(
+        shape: &MoeLayerShape,
+        load: &LoadMatrix,
+        placement: &Placement,
+        gpus: &[u32],
+        fabric: &Fabric,
+        c: &ModelConstants,
+        hierarchical: bool,
+    ) -> MoeLayerTime {
+        let d = shape.d_model as f64;
+        let loads: Vec<f64> = load.expert_loads().into_iter().map(|x| x as f64).collect();
+        let cnt = placement.replica_counts();
+        let mut gpu_time = vec![0.0; placement.gpus];
+        let mut gpu_tokens = vec![0.0; placement.gpus];
+        for (slot, &e) in placement.slots.iter().enumerate() {
+            let g = placement.gpu_of_slot(slot);
+            let tokens = loads[e as usize] * placement.share(slot, &cnt);
+            if tokens <= 0.0 {
+                continue;
+            }
+            let (f, b) = ffn_time_s(
+                tokens,
+                d,
+                shape.d_ffn as f64,
+                shape.gated,
+                shape.act_bytes as f64,
+                DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s },
+                c,
+            );
+            gpu_time[g] += f + b + 2.0 * c.per_expert_overhead_us * 1e-6;
+            gpu_tokens[g] += tokens;
+        }
+        for (s, t) in gpu_time.iter_mut().enumerate().take(load.ranks) {
+            let own: f64 = load.row(s).iter().map(|&x| x as f64).sum();
+            *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
+        }
+        let (busiest_gpu, compute_s) =
+            gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
+        let tokens = traffic_tokens(load, placement);
+        let bytes: Vec<Vec<f64>> =
+            tokens.iter().map(|r| r.iter().map(|t| t * d * shape.act_bytes as f64).collect()).collect();
+        let transposed: Vec<Vec<f64>> =
+            (0..placement.gpus).map(|g| (0..load.ranks).map(|s| bytes[s][g]).collect()).collect();
+        let dispatch = all_to_all_time_s(&bytes, gpus, fabric, hierarchical);
+        let combine = all_to_all_time_s(&transposed, gpus, fabric, hierarchical);
+        let a2a_s = 2.0 * (dispatch + combine);
+        let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
+        let slots = placement.expert_slots();
+        let mut replica_sets: Vec<Vec<u32>> = Vec::new();
+        for (e, s) in slots.iter().enumerate() {
+            if cnt[e] > 1 {
+                let mut members: Vec<u32> = s.iter().map(|&x| gpus[placement.gpu_of_slot(x)]).collect();
+                members.sort_unstable();
+                members.dedup();
+                replica_sets.push(members);
+            }
+        }
+        let sync_s = reference_sync(&replica_sets, grad_bytes, fabric);
+        let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
+        let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
+        let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
+        MoeLayerTime {
+            compute_ms: compute_s * 1e3,
+            all_to_all_ms: a2a_s * 1e3,
+            replica_sync_ms: sync_s * 1e3,
+            overhead_ms: overhead_s * 1e3,
+            total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
+            busiest_gpu,
+            gpu_tokens,
+            gpu_compute_ms: gpu_time.iter().map(|t| t * 1e3).collect(),
+            imbalance,
+        }
+    }
+
+    fn same(a: &MoeLayerTime, b: &MoeLayerTime) -> bool {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        a.compute_ms.to_bits() == b.compute_ms.to_bits()
+            && a.all_to_all_ms.to_bits() == b.all_to_all_ms.to_bits()
+            && a.replica_sync_ms.to_bits() == b.replica_sync_ms.to_bits()
+            && a.overhead_ms.to_bits() == b.overhead_ms.to_bits()
+            && a.total_ms.to_bits() == b.total_ms.to_bits()
+            && a.busiest_gpu == b.busiest_gpu
+            && bits(&a.gpu_tokens) == bits(&b.gpu_tokens)
+            && bits(&a.gpu_compute_ms) == bits(&b.gpu_compute_ms)
+            && a.imbalance.to_bits() == b.imbalance.to_bits()
+    }
+
+    /// Sizes that are not powers of two, so that a change in the order of operations changes the roundings.
+    fn shape() -> MoeLayerShape {
+        MoeLayerShape {
+            d_model: 1000,
+            d_ffn: 1408,
+            gated: true,
+            act_bytes: 3,
+            param_bytes: 2,
+            grad_bytes: 4,
+            peak_flops: 989e12,
+        }
+    }
+
+    /// A placement of `experts` on `gpus` GPUs with `slots` slots from a seed: every expert once, the rest at
+    /// random (repeats on one GPU allowed), optionally with random shares.
+    fn placement(gpus: usize, slots: usize, experts: usize, seed: u64, shares: bool) -> Placement {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut v: Vec<u32> = (0..experts as u32).collect();
+        while v.len() < gpus * slots {
+            v.push(next(experts) as u32);
+        }
+        for i in (1..v.len()).rev() {
+            v.swap(i, next(i + 1));
+        }
+        let p = Placement::new(gpus, slots, experts, v).unwrap();
+        if shares {
+            let f: Vec<f64> = (0..p.slots.len()).map(|_| next(1000) as f64).collect();
+            p.with_shares(&f).unwrap()
+        } else {
+            p
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn prepared_pricing_is_bit_identical(
+            gpn in 1u32..9,
+            nodes in 1u32..5,
+            extra in 0usize..3,
+            experts_per_gpu in 1usize..4,
+            seed in 0u64..1_000_000,
+            shares in any::<bool>(),
+            hierarchical in any::<bool>(),
+            offset in 0u32..9,
+            zero_every in 0usize..5,
+        ) {
+            let g = (gpn * nodes) as usize;
+            let experts = g * experts_per_gpu;
+            let slots = experts_per_gpu + extra;
+            let p = placement(g, slots, experts, seed, shares);
+            // Loads with zeros sprinkled in (zero traffic skips peers and compute).
+            let rows: Vec<Vec<u64>> = (0..g)
+                .map(|s| (0..experts).map(|x| {
+                    let v = ((s * 31 + x * 17) as u64 * (seed % 97 + 1)) % 500;
+                    if zero_every > 0 && (s + x) % (zero_every + 1) == 0 { 0 } else { v }
+                }).collect())
+                .collect();
+            let load = LoadMatrix::from_rows(&rows).unwrap();
+            let fabric = Fabric::switched(gpn, nodes + 1, 450e9, 2e-6, 50e9, 5e-6, 3e12, 10e-6);
+            // Group GPUs placed anywhere in the cluster (not necessarily from 0, nor node-aligned).
+            let gpus: Vec<u32> = (0..g as u32).map(|i| i + offset).collect();
+            let c = ModelConstants::default();
+            let prep = PreparedLoad::new(&load);
+            let a = moe_layer_exact_prepared(&shape(), &prep, &p, &gpus, &fabric, &c, hierarchical).unwrap();
+            let b = reference(&shape(), &load, &p, &gpus, &fabric, &c, hierarchical);
+            prop_assert!(same(&a, &b), "{a:?}\n{b:?}");
+            let direct = moe_layer_exact(&shape(), &load, &p, &gpus, &fabric, &c, hierarchical).unwrap();
+            prop_assert!(same(&direct, &b));
+        }
+
+        #[test]
+        fn sparse_all_to_all_is_bit_identical(
+            gpn in 1u32..9,
+            nodes in 1u32..4,
+            seed in 0u64..1_000_000,
+            hierarchical in any::<bool>(),
+            density in 1u64..6,
+        ) {
+            let g = (gpn * nodes) as usize;
+            let mut m = vec![vec![0.0; g]; g];
+            let mut entries = Vec::new();
+            for (s, row) in m.iter_mut().enumerate() {
+                for (d, cell) in row.iter_mut().enumerate() {
+                    let h = (s as u64 * 131 + d as u64 * 71 + seed) % 7;
+                    if h < density {
+                        let b = ((h + 1) * 1000 + seed % 13) as f64 * 0.37;
+                        *cell = b;
+                        entries.push((s, d, b));
+                    }
+                }
+            }
+            let gpus: Vec<u32> = (0..g as u32).collect();
+            let fabric = Fabric::switched(gpn, nodes, 450e9, 2e-6, 50e9, 5e-6, 3e12, 10e-6);
+            let dense = all_to_all_time_s(&m, &gpus, &fabric, hierarchical);
+            let sparse = all_to_all_sparse_time_s(&entries, &gpus, &fabric, hierarchical);
+            prop_assert_eq!(dense.to_bits(), sparse.to_bits());
+        }
+
+        #[test]
+        fn replica_sync_is_bit_identical(
+            sets in proptest::collection::vec(proptest::collection::vec(0u32..40, 0..6), 0..12),
+            gpn in 1u32..9,
+        ) {
+            let fabric = Fabric::switched(gpn, 40u32.div_ceil(gpn), 450e9, 2e-6, 50e9, 5e-6, 3e12, 10e-6);
+            let a = replica_sync_time_s(&sets, 1e6, &fabric);
+            let b = reference_sync(&sets, 1e6, &fabric);
+            prop_assert_eq!(a.to_bits(), b.to_bits());
+        }
     }
 }

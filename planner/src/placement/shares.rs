@@ -5,6 +5,7 @@
 //! feasibility test (source -> expert, capacity its load; expert -> each GPU holding it; GPU -> sink, capacity
 //! the target minus what its single-copy experts already put there).
 
+use switchyard_cost::placement::SHARE_UNIT;
 use switchyard_cost::{Placement, PlacementError};
 
 /// Per flexible expert, the (GPU, edge id) of its edges in the flow network.
@@ -118,20 +119,45 @@ pub fn balance_shares_waterfill(
     passes: usize,
 ) -> Result<(Placement, f64), PlacementError> {
     let e = placement.experts;
-    let (loads, homes) = loads_and_homes(placement, loads);
-    // Contribution of each flexible expert to each of its GPUs, starting from the even split.
-    let flex: Vec<usize> = (0..e).filter(|&x| homes[x].len() > 1 && loads[x] > 0.0).collect();
-    let mut contrib: Vec<Vec<f64>> =
-        flex.iter().map(|&x| vec![loads[x] / homes[x].len() as f64; homes[x].len()]).collect();
+    let loads: Vec<f64> =
+        (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
+    // Each expert's slots (in slot order, so by GPU), as one array cut at `start`.
+    let ex = ExpertSlots::new(placement);
+    // The distinct GPUs of each expert (its homes) in increasing order, cut at `hstart`, and how many of its
+    // slots each home holds.
+    let mut hstart = Vec::with_capacity(e + 1);
+    let mut homes: Vec<usize> = Vec::with_capacity(placement.slots.len());
+    let mut on_home: Vec<usize> = Vec::with_capacity(placement.slots.len());
+    hstart.push(0);
+    for x in 0..e {
+        for &slot in ex.of(x) {
+            let g = ex.gpu[slot];
+            if homes.len() > hstart[x] && homes[homes.len() - 1] == g {
+                *on_home.last_mut().expect("a home") += 1;
+            } else {
+                homes.push(g);
+                on_home.push(1);
+            }
+        }
+        hstart.push(homes.len());
+    }
+    let nh = |x: usize| hstart[x + 1] - hstart[x];
+    // Contribution of each flexible expert to each of its homes (indexed like `homes`), from the even split.
+    let flex: Vec<usize> = (0..e).filter(|&x| nh(x) > 1 && loads[x] > 0.0).collect();
+    let mut contrib = vec![0.0; homes.len()];
+    for &x in &flex {
+        let c = loads[x] / nh(x) as f64;
+        contrib[hstart[x]..hstart[x + 1]].fill(c);
+    }
     let mut gpu = vec![0.0; placement.gpus];
     for x in 0..e {
-        if homes[x].len() == 1 {
-            gpu[homes[x][0]] += loads[x];
+        if nh(x) == 1 {
+            gpu[homes[hstart[x]]] += loads[x];
         }
     }
-    for (i, &x) in flex.iter().enumerate() {
-        for (k, &g) in homes[x].iter().enumerate() {
-            gpu[g] += contrib[i][k];
+    for &x in &flex {
+        for k in hstart[x]..hstart[x + 1] {
+            gpu[homes[k]] += contrib[k];
         }
     }
     let mut order: Vec<usize> = Vec::new();
@@ -139,14 +165,22 @@ pub fn balance_shares_waterfill(
     let scale = loads.iter().copied().fold(1.0, f64::max);
     for _ in 0..passes {
         let mut moved = 0.0f64;
-        for (i, &x) in flex.iter().enumerate() {
-            let h = &homes[x];
+        for &x in &flex {
+            let (a, b) = (hstart[x], hstart[x + 1]);
+            let h = &homes[a..b];
+            let cx = &mut contrib[a..b];
             // Load of each home without this expert, then the level that absorbs the expert's tokens.
             other.clear();
-            other.extend(h.iter().enumerate().map(|(k, &g)| gpu[g] - contrib[i][k]));
+            other.extend(h.iter().zip(cx.iter()).map(|(&g, &c)| gpu[g] - c));
+            // The homes by their other load (a stable insertion sort: homes are few).
             order.clear();
-            order.extend(0..h.len());
-            order.sort_by(|&a, &b| other[a].total_cmp(&other[b]));
+            for i in 0..h.len() {
+                let mut j = order.len();
+                while j > 0 && other[order[j - 1]].total_cmp(&other[i]).is_gt() {
+                    j -= 1;
+                }
+                order.insert(j, i);
+            }
             let mut level = other[order[0]];
             let mut remaining = loads[x];
             let mut k = 1;
@@ -161,11 +195,11 @@ pub fn balance_shares_waterfill(
                 level = next;
                 k += 1;
             }
-            for (kk, &g) in h.iter().enumerate() {
-                let c = (level - other[kk]).max(0.0);
-                moved = moved.max((c - contrib[i][kk]).abs());
-                gpu[g] += c - contrib[i][kk];
-                contrib[i][kk] = c;
+            for ((&g, c), &o) in h.iter().zip(cx.iter_mut()).zip(&other) {
+                let v = (level - o).max(0.0);
+                moved = moved.max((v - *c).abs());
+                gpu[g] += v - *c;
+                *c = v;
             }
         }
         if moved <= 1e-6 * scale {
@@ -173,33 +207,105 @@ pub fn balance_shares_waterfill(
         }
     }
     // Each slot's fraction: its expert's contribution to its GPU over the expert's slots on that GPU.
-    let flex_index: Vec<Option<usize>> = {
-        let mut v = vec![None; e];
-        for (i, &x) in flex.iter().enumerate() {
-            v[x] = Some(i);
-        }
-        v
-    };
-    let mut per_gpu_slots = std::collections::HashMap::new();
-    for (slot, &x) in placement.slots.iter().enumerate() {
-        *per_gpu_slots.entry((x, placement.gpu_of_slot(slot))).or_insert(0usize) += 1;
-    }
-    let frac: Vec<f64> = placement
-        .slots
-        .iter()
-        .enumerate()
-        .map(|(slot, &x)| match flex_index[x as usize] {
-            Some(i) => {
-                let g = placement.gpu_of_slot(slot);
-                let k = homes[x as usize].iter().position(|&h| h == g).unwrap_or(0);
-                contrib[i][k] / loads[x as usize] / per_gpu_slots[&(x, g)] as f64
+    let mut frac = vec![1.0; placement.slots.len()];
+    for &x in &flex {
+        let mut k = hstart[x];
+        for &slot in ex.of(x) {
+            while homes[k] != ex.gpu[slot] {
+                k += 1;
             }
-            None => 1.0,
-        })
-        .collect();
-    let p = placement.clone().with_shares(&frac)?;
-    let max = p.gpu_loads(&loads).into_iter().fold(0.0, f64::max);
+            frac[slot] = contrib[k] / loads[x] / on_home[k] as f64;
+        }
+    }
+    let p = with_shares_of(placement, &ex, &frac);
+    let max = gpu_loads(&p, &loads).into_iter().fold(0.0, f64::max);
     Ok((p, max))
+}
+
+/// [`Placement::gpu_loads`], GPU by GPU (the same sums in the same order).
+pub(crate) fn gpu_loads(p: &Placement, loads: &[f64]) -> Vec<f64> {
+    if p.slots_per_gpu == 0 {
+        return vec![0.0; p.gpus];
+    }
+    let cnt = p.replica_counts();
+    let spg = p.slots_per_gpu;
+    p.slots
+        .chunks_exact(spg)
+        .enumerate()
+        .map(|(g, xs)| {
+            let mut t = 0.0;
+            for (j, &x) in xs.iter().enumerate() {
+                t += loads[x as usize] * p.share(g * spg + j, &cnt);
+            }
+            t
+        })
+        .collect()
+}
+
+/// Each expert's slots in slot order, as one array cut per expert, and each slot's GPU.
+struct ExpertSlots {
+    start: Vec<usize>,
+    slots: Vec<usize>,
+    gpu: Vec<usize>,
+}
+
+impl ExpertSlots {
+    fn new(p: &Placement) -> ExpertSlots {
+        let mut start = vec![0usize; p.experts + 1];
+        for &x in &p.slots {
+            start[x as usize + 1] += 1;
+        }
+        for x in 0..p.experts {
+            start[x + 1] += start[x];
+        }
+        let mut fill = start.clone();
+        let mut slots = vec![0usize; p.slots.len()];
+        for (s, &x) in p.slots.iter().enumerate() {
+            slots[fill[x as usize]] = s;
+            fill[x as usize] += 1;
+        }
+        let spg = p.slots_per_gpu.max(1);
+        let gpu = (0..p.gpus).flat_map(|g| std::iter::repeat_n(g, spg)).take(p.slots.len()).collect();
+        ExpertSlots { start, slots, gpu }
+    }
+
+    fn of(&self, x: usize) -> &[usize] {
+        &self.slots[self.start[x]..self.start[x + 1]]
+    }
+}
+
+/// `placement.clone().with_shares(fractions)` for a valid placement and finite, non-negative fractions, without
+/// its checks and allocations: the same normalisation and rounding (each expert's shares floored to
+/// [`SHARE_UNIT`] parts, the remainder to its largest share, the last of equal ones), so the same shares.
+fn with_shares_of(placement: &Placement, ex: &ExpertSlots, fractions: &[f64]) -> Placement {
+    let mut out = vec![SHARE_UNIT; placement.slots.len()];
+    for x in 0..placement.experts {
+        let slots = ex.of(x);
+        if slots.len() < 2 {
+            // f / f (or 1 / 1 for a zero fraction) is exactly one: the whole unit.
+            continue;
+        }
+        let sum: f64 = slots.iter().map(|&s| fractions[s]).sum();
+        let n = slots.len() as f64;
+        let mut given = 0u32;
+        let mut big = slots[0];
+        for &s in slots {
+            let f = if sum > 0.0 { fractions[s] / sum } else { 1.0 / n };
+            out[s] = (f * SHARE_UNIT as f64).floor() as u32;
+            given += out[s];
+            if out[s] >= out[big] {
+                big = s;
+            }
+        }
+        out[big] += SHARE_UNIT - given;
+    }
+    Placement {
+        gpus: placement.gpus,
+        slots_per_gpu: placement.slots_per_gpu,
+        experts: placement.experts,
+        slots: placement.slots.clone(),
+        shares: Some(out),
+    }
 }
 
 /// The placement with the token shares that minimise the busiest GPU's load for `loads` (per expert), and that
@@ -331,6 +437,159 @@ mod tests {
             prop_assert!(max <= even * (1.0 + 1e-5) + rounding, "{} > {}", max, even);
             let total: f64 = q.gpu_loads(&loads).iter().sum();
             prop_assert!((total - loads.iter().sum::<f64>()).abs() < 1e-3 * (1.0 + total));
+        }
+    }
+}
+
+/// Water-filling against its first version (hash maps, nested vectors, `with_shares`): the same shares, bit for
+/// bit.
+#[cfg(test)]
+mod waterfill_equals_reference {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reference_waterfill(
+        placement: &Placement,
+        loads: &[f64],
+        passes: usize,
+    ) -> Result<(Placement, f64), PlacementError> {
+        let e = placement.experts;
+        let (loads, homes) = loads_and_homes(placement, loads);
+        // Contribution of each flexible expert to each of its GPUs, starting from the even split.
+        let flex: Vec<usize> = (0..e).filter(|&x| homes[x].len() > 1 && loads[x] > 0.0).collect();
+        let mut contrib: Vec<Vec<f64>> =
+            flex.iter().map(|&x| vec![loads[x] / homes[x].len() as f64; homes[x].len()]).collect();
+        let mut gpu = vec![0.0; placement.gpus];
+        for x in 0..e {
+            if homes[x].len() == 1 {
+                gpu[homes[x][0]] += loads[x];
+            }
+        }
+        for (i, &x) in flex.iter().enumerate() {
+            for (k, &g) in homes[x].iter().enumerate() {
+                gpu[g] += contrib[i][k];
+            }
+        }
+        let mut order: Vec<usize> = Vec::new();
+        let mut other: Vec<f64> = Vec::new();
+        let scale = loads.iter().copied().fold(1.0, f64::max);
+        for _ in 0..passes {
+            let mut moved = 0.0f64;
+            for (i, &x) in flex.iter().enumerate() {
+                let h = &homes[x];
+                // Load of each home without this expert, then the level that absorbs the expert's tokens.
+                other.clear();
+                other.extend(h.iter().enumerate().map(|(k, &g)| gpu[g] - contrib[i][k]));
+                order.clear();
+                order.extend(0..h.len());
+                order.sort_by(|&a, &b| other[a].total_cmp(&other[b]));
+                let mut level = other[order[0]];
+                let mut remaining = loads[x];
+                let mut k = 1;
+                while k <= order.len() {
+                    let next = if k < order.len() { other[order[k]] } else { f64::INFINITY };
+                    let need = (next - level) * k as f64;
+                    if need >= remaining {
+                        level += remaining / k as f64;
+                        break;
+                    }
+                    remaining -= need;
+                    level = next;
+                    k += 1;
+                }
+                for (kk, &g) in h.iter().enumerate() {
+                    let c = (level - other[kk]).max(0.0);
+                    moved = moved.max((c - contrib[i][kk]).abs());
+                    gpu[g] += c - contrib[i][kk];
+                    contrib[i][kk] = c;
+                }
+            }
+            if moved <= 1e-6 * scale {
+                break;
+            }
+        }
+        // Each slot's fraction: its expert's contribution to its GPU over the expert's slots on that GPU.
+        let flex_index: Vec<Option<usize>> = {
+            let mut v = vec![None; e];
+            for (i, &x) in flex.iter().enumerate() {
+                v[x] = Some(i);
+            }
+            v
+        };
+        let mut per_gpu_slots = std::collections::HashMap::new();
+        for (slot, &x) in placement.slots.iter().enumerate() {
+            *per_gpu_slots.entry((x, placement.gpu_of_slot(slot))).or_insert(0usize) += 1;
+        }
+        let frac: Vec<f64> = placement
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(slot, &x)| match flex_index[x as usize] {
+                Some(i) => {
+                    let g = placement.gpu_of_slot(slot);
+                    let k = homes[x as usize].iter().position(|&h| h == g).unwrap_or(0);
+                    contrib[i][k] / loads[x as usize] / per_gpu_slots[&(x, g)] as f64
+                }
+                None => 1.0,
+            })
+            .collect();
+        let p = placement.clone().with_shares(&frac)?;
+        let max = p.gpu_loads(&loads).into_iter().fold(0.0, f64::max);
+        Ok((p, max))
+    }
+
+    /// A placement from a seed: every expert once, the rest at random (repeats on one GPU allowed).
+    fn placement(gpus: usize, slots: usize, experts: usize, seed: u64) -> Placement {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut v: Vec<u32> = (0..experts as u32).collect();
+        while v.len() < gpus * slots {
+            v.push(next(experts) as u32);
+        }
+        for i in (1..v.len()).rev() {
+            v.swap(i, next(i + 1));
+        }
+        Placement::new(gpus, slots, experts, v).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        #[test]
+        fn bit_identical(
+            gpus in 1usize..40,
+            per_gpu in 1usize..4,
+            extra in 0usize..3,
+            seed in 0u64..1_000_000,
+            passes in 0usize..20,
+            zeros in 0usize..4,
+            integer in any::<bool>(),
+        ) {
+            let experts = gpus * per_gpu;
+            let p = placement(gpus, per_gpu + extra, experts, seed);
+            let loads: Vec<f64> = (0..experts)
+                .map(|x| {
+                    if zeros > 0 && x % (zeros + 2) == 0 {
+                        0.0
+                    } else {
+                        let v = ((x as u64 * 7919 + seed) % 1000) as f64;
+                        if integer { v } else { v * 1.37 + 0.11 }
+                    }
+                })
+                .collect();
+            let (a, amax) = balance_shares_waterfill(&p, &loads, passes).unwrap();
+            let (b, bmax) = reference_waterfill(&p, &loads, passes).unwrap();
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(amax.to_bits(), bmax.to_bits());
+            a.check().unwrap();
+            let l1: Vec<u64> = gpu_loads(&a, &loads).iter().map(|x| x.to_bits()).collect();
+            let l2: Vec<u64> = a.gpu_loads(&loads).iter().map(|x| x.to_bits()).collect();
+            prop_assert_eq!(l1, l2);
         }
     }
 }
