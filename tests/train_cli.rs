@@ -65,6 +65,9 @@ fn bad_flags_name_the_fix() {
         (vec!["train", "--experts", "4", "--top-k", "5"], "--top-k"),
         (vec!["train", "--dyn", "often"], "--dyn"),
         (vec!["train", "--device", "tpu"], "--device"),
+        (vec!["train", "--comm", "nccl"], "--comm nccl"),
+        // Outside mpirun (and, in the default build, without MPI at all) `--comm mpi` says how to get there.
+        (vec!["train", "--comm", "mpi"], "mpirun"),
         (vec!["train", "--text", "/no/such/file.txt", "--steps", "1"], "/no/such/file.txt"),
     ] {
         let out = run(&args);

@@ -302,6 +302,42 @@ pub fn train_local(
     if errs.is_empty() { Ok(ok) } else { Err(errs) }
 }
 
+/// Runs the training as one MPI rank of a job started by `mpirun -np N` (N = `cfg.workers`); `on_step` sees
+/// rank 0's metrics as they come. Returns this rank's number and result. A rank whose own work fails (not a
+/// peer's failure) tells every other rank at once, so the whole job ends with the error instead of waiting out
+/// the timeout. The collectives are the same algorithms as in-process, so with the same configuration the
+/// parameters end bit for bit as with `cfg.workers` in-process workers.
+#[cfg(feature = "mpi")]
+pub fn train_mpi(
+    cfg: &TrainConfig,
+    on_step: &(dyn Fn(&StepMetrics) + Sync),
+) -> Result<(usize, WorkerResult), RuntimeError> {
+    cfg.validate()?;
+    let comm = crate::comm::mpi::init(Duration::from_secs_f64(cfg.timeout_s))?;
+    let me = comm.rank();
+    if comm.size() != cfg.workers {
+        return Err(RuntimeError::invalid(
+            "--workers",
+            format!(
+                "{} but mpirun started {} ranks; fix: --workers {} or mpirun -np {}",
+                cfg.workers,
+                comm.size(),
+                comm.size(),
+                cfg.workers
+            ),
+        ));
+    }
+    match worker_main(&comm, cfg, on_step) {
+        Ok(r) => Ok((me, r)),
+        Err(e) => {
+            if !is_comm_failure(&e) {
+                comm.abort(&e.to_string());
+            }
+            Err(e)
+        }
+    }
+}
+
 fn skew_bias(experts: usize, skew: f32) -> Option<Vec<f32>> {
     (skew > 0.0).then(|| (0..experts).map(|e| -skew * ((e + 1) as f32).ln()).collect())
 }

@@ -16,9 +16,13 @@ use super::simulate::parse_predictor;
 /// Flags of `switchyard train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Workers (in-process threads; under `mpirun` with the `mpi` feature: must equal the rank count).
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
+    /// Workers: in-process threads (default 4), or MPI ranks (default: the rank count `mpirun -np N` started).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Communicator: local (in-process worker threads), mpi (this process is one rank of `mpirun -np N`; needs
+    /// a build with `--features mpi`) or auto (mpi when started by mpirun in a build with MPI, else local).
+    #[arg(long, default_value = "auto")]
+    comm: String,
     /// Logical experts per MoE layer.
     #[arg(long, default_value_t = 16)]
     experts: usize,
@@ -102,7 +106,48 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-fn config(a: &TrainArgs) -> Result<TrainConfig> {
+/// Where the workers run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CommMode {
+    /// In-process worker threads.
+    Local,
+    /// This process is one of `size` MPI ranks.
+    Mpi { size: usize },
+}
+
+/// The rank count of the MPI job that started this process (Open MPI's or a PMI launcher's variable), if any.
+fn mpi_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+fn comm_mode(comm: &str) -> Result<CommMode> {
+    let launched = mpi_world_size();
+    match (comm, launched) {
+        ("local", _) | ("auto", None) => Ok(CommMode::Local),
+        ("auto", Some(size)) if cfg!(feature = "mpi") => Ok(CommMode::Mpi { size }),
+        ("auto", Some(_)) => Ok(CommMode::Local),
+        ("mpi", _) if !cfg!(feature = "mpi") => bail!(
+            "--comm mpi: this switchyard was built without MPI; fix: cargo build --release --features mpi \
+             (needs libopenmpi-dev, openmpi-bin and libclang-dev), then mpirun -np N switchyard train ..."
+        ),
+        ("mpi", None) => bail!(
+            "--comm mpi: this process was not started by mpirun (no OMPI_COMM_WORLD_SIZE or PMI_SIZE); fix: \
+             mpirun -np N switchyard train --comm mpi ..."
+        ),
+        ("mpi", Some(size)) => Ok(CommMode::Mpi { size }),
+        (o, _) => bail!("--comm {o}: unknown; fix: local, mpi or auto"),
+    }
+}
+
+fn config(a: &TrainArgs, mode: CommMode) -> Result<TrainConfig> {
+    let workers = match (mode, a.workers) {
+        (CommMode::Local, w) => w.unwrap_or(4),
+        (CommMode::Mpi { size }, None) => size,
+        (CommMode::Mpi { size }, Some(w)) if w == size => w,
+        (CommMode::Mpi { size }, Some(w)) => {
+            bail!("--workers {w}: mpirun started {size} ranks; fix: --workers {size}, or leave --workers out")
+        }
+    };
     let frequency = Frequency::parse(&a.dyn_freq)
         .with_context(|| format!("--dyn {}: fix: 0 (never), a number of steps, or auto", a.dyn_freq))?;
     let algorithm = Algorithm::parse(&a.algorithm).with_context(|| {
@@ -131,8 +176,8 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
         None => None,
         Some(s) => {
             let (k, r) = s.split_once(':').unwrap_or((s, ""));
-            let rank: usize = r.parse().ok().filter(|&r| r < a.workers).with_context(|| {
-                format!("--inject-migration-fault {s}: fix: corrupt:RANK or fail:RANK with RANK < {}", a.workers)
+            let rank: usize = r.parse().ok().filter(|&r| r < workers).with_context(|| {
+                format!("--inject-migration-fault {s}: fix: corrupt:RANK or fail:RANK with RANK < {workers}")
             })?;
             Some(match k {
                 "corrupt" => FaultSpec::Corrupt(rank),
@@ -142,11 +187,11 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
         }
     };
     let cfg = TrainConfig {
-        workers: a.workers,
+        workers,
         threads_per_worker: a.threads,
         experts: a.experts,
         top_k: a.top_k,
-        slots_per_worker: a.slots.unwrap_or_else(|| a.experts.div_ceil(a.workers.max(1))),
+        slots_per_worker: a.slots.unwrap_or_else(|| a.experts.div_ceil(workers.max(1))),
         d_model: a.d_model,
         d_ffn: a.d_ffn,
         n_heads: a.heads,
@@ -187,7 +232,8 @@ fn device_note(device: &str) -> Result<Option<String>> {
 
 /// Runs `switchyard train`.
 pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = config(&a)?;
+    let mode = comm_mode(&a.comm)?;
+    let cfg = config(&a, mode)?;
     if let Some(n) = device_note(&a.device)? {
         eprintln!("{n}");
     }
@@ -205,9 +251,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.push(m.clone());
         }
     };
-    let result = switchyard_runtime::trainer::train_local(&cfg, &on_step);
+    let result = match mode {
+        CommMode::Local => switchyard_runtime::trainer::train_local(&cfg, &on_step).map(|mut r| r.swap_remove(0)),
+        CommMode::Mpi { .. } => {
+            let (rank, r) = train_on_mpi(&cfg, &on_step)?;
+            if rank != 0 {
+                // Rank 0 reports for the job.
+                return Ok(());
+            }
+            Ok(r)
+        }
+    };
     progress.finish();
-    let results = match result {
+    let worker0 = match result {
         Ok(r) => r,
         Err(errs) => {
             for (rank, e) in &errs {
@@ -224,7 +280,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         out.flush()?;
     }
-    let summary: &TrainSummary = &results[0].summary;
+    let summary: &TrainSummary = &worker0.summary;
     let mut written = Vec::new();
     if let Some(stem) = &a.plot {
         let points: Vec<(f64, f64)> = steps.iter().map(|m| (m.step as f64, m.loss)).collect();
@@ -240,9 +296,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string(summary)?);
     } else {
         println!(
-            "trained {} steps on {} workers ({} experts, top-{}, {} slots/worker, {} with {})",
+            "trained {} steps on {} {} ({} experts, top-{}, {} slots/worker, {} with {})",
             summary.steps,
             summary.workers,
+            if mode == CommMode::Local { "in-process workers" } else { "MPI ranks" },
             cfg.experts,
             cfg.top_k,
             cfg.slots_per_worker,
@@ -265,4 +322,52 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Trains as one MPI rank; returns the rank and, on rank 0, the result (an error on any rank is reported by
+/// that rank and ends the process with a non-zero status).
+#[cfg(feature = "mpi")]
+fn train_on_mpi(
+    cfg: &TrainConfig,
+    on_step: &(dyn Fn(&StepMetrics) + Sync),
+) -> Result<(usize, switchyard_runtime::trainer::WorkerResult)> {
+    match switchyard_runtime::trainer::train_mpi(cfg, on_step) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let rank = mpi_rank().map_or_else(|| "?".to_string(), |r| r.to_string());
+            bail!("MPI rank {rank}: training failed: {e}")
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_on_mpi(
+    _cfg: &TrainConfig,
+    _on_step: &(dyn Fn(&StepMetrics) + Sync),
+) -> Result<(usize, switchyard_runtime::trainer::WorkerResult)> {
+    bail!("--comm mpi: this switchyard was built without MPI; fix: cargo build --release --features mpi")
+}
+
+/// This process's rank in the MPI job that started it, from the launcher's environment.
+#[cfg(feature = "mpi")]
+fn mpi_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_modes() {
+        // These tests run outside mpirun unless the environment says otherwise.
+        if mpi_world_size().is_some() {
+            return;
+        }
+        assert_eq!(comm_mode("local").unwrap(), CommMode::Local);
+        assert_eq!(comm_mode("auto").unwrap(), CommMode::Local);
+        assert!(comm_mode("mpi").is_err());
+        let e = comm_mode("nccl").unwrap_err().to_string();
+        assert!(e.contains("--comm nccl") && e.contains("fix"), "{e}");
+    }
 }
