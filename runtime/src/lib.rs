@@ -13,5 +13,6 @@ pub mod machine;
 pub mod migrate;
 pub mod moe;
 pub mod optim;
+pub mod profile;
 pub mod switcher;
 pub mod trainer;

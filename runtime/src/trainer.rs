@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use switchyard_cost::Placement;
 use switchyard_cost::cost::moe::MoeLayerShape;
+use switchyard_cost::{ClusterSpec, Placement};
 use switchyard_kernels::{Activation, CapacityPolicy, Compute, Engine, GateConfig};
 use switchyard_planner::online::{Algorithm, Frequency, LayerContext, PolicyConfig, Predictor};
 
@@ -77,6 +77,10 @@ pub struct TrainConfig {
     pub text: Option<PathBuf>,
     /// Timeout of every collective, seconds.
     pub timeout_s: f64,
+    /// The cluster the policy prices placements on (a profile written by `switchyard profile`, resized to the
+    /// workers); `None`: a quick measurement of this machine at start-up ([`measure_local`]).
+    #[serde(default)]
+    pub cluster: Option<ClusterSpec>,
     /// Injected faults (tests).
     pub faults: Faults,
 }
@@ -129,6 +133,7 @@ impl Default for TrainConfig {
             predictor: Predictor::WindowMean { window: 4 },
             text: None,
             timeout_s: 30.0,
+            cluster: None,
             faults: Faults::default(),
         }
     }
@@ -374,9 +379,19 @@ pub fn worker_main(
     let mut rates = None;
     // Worker 0 prices every step with the performance model (and, unless static, decides).
     let policy = if me == 0 {
-        let r = measure_local(cfg.threads_per_worker)?;
-        rates = Some(r);
-        let cluster = cpu_cluster(w, r);
+        let (cluster, peak_flops) = match &cfg.cluster {
+            Some(c) => {
+                let c = switchyard_cost::calibrate::cluster_for(c, w)
+                    .map_err(|e| RuntimeError::invalid("--profile", format!("cannot resize to {w} workers: {e}")))?;
+                let peak = c.gpu.peak_tflops_fp32 * 1e12;
+                (c, peak)
+            }
+            None => {
+                let r = measure_local(cfg.threads_per_worker)?;
+                rates = Some(r);
+                (cpu_cluster(w, r), r.gemm_gflops * 1e9)
+            }
+        };
         let layer_shape = MoeLayerShape {
             d_model: cfg.d_model as u64,
             d_ffn: cfg.d_ffn as u64,
@@ -384,7 +399,7 @@ pub fn worker_main(
             act_bytes: 4,
             param_bytes: 4,
             grad_bytes: 4,
-            peak_flops: r.gemm_gflops * 1e9,
+            peak_flops,
         };
         let ctx = LayerContext::for_cluster(&cluster, layer_shape, w, cfg.slots_per_worker, 1);
         Some((

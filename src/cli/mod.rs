@@ -6,6 +6,7 @@ mod calibrate;
 mod place;
 mod plan;
 mod presets;
+mod profile;
 mod progress;
 mod report;
 mod simulate;
@@ -45,7 +46,9 @@ enum Command {
     /// Show the link classes of a cluster's topology graph.
     Topology(presets::TopologyArgs),
     /// Train a small MoE language model on CPU workers, re-placing experts as the load moves.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
+    /// Measure this machine (GEMMs, collectives, the MoE layer) and fit a calibrated cluster profile to it.
+    Profile(profile::ProfileArgs),
     /// Benchmarks of Switchyard's own components.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(c) => trace::run(c),
         Command::Validate(a) => calibrate::run_validate(a),
         Command::Bench(b) => bench::run(b),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
+        Command::Profile(a) => profile::run(a),
     }
 }

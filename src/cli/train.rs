@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or auto (auto runs on CPU when no CUDA driver is found, and says so).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Price placements with this calibrated profile (from `switchyard profile --out` or `calibrate --out`)
+    /// instead of a quick measurement at start-up.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// Write per-step metrics as JSON Lines here.
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -108,7 +112,7 @@ pub struct TrainArgs {
 
 /// Where the workers run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum CommMode {
+pub(super) enum CommMode {
     /// In-process worker threads.
     Local,
     /// This process is one of `size` MPI ranks.
@@ -120,7 +124,7 @@ fn mpi_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 
-fn comm_mode(comm: &str) -> Result<CommMode> {
+pub(super) fn comm_mode(comm: &str) -> Result<CommMode> {
     let launched = mpi_world_size();
     match (comm, launched) {
         ("local", _) | ("auto", None) => Ok(CommMode::Local),
@@ -209,6 +213,10 @@ fn config(a: &TrainArgs, mode: CommMode) -> Result<TrainConfig> {
         predictor: parse_predictor(&a.predictor)?,
         text: a.text.clone(),
         timeout_s: a.timeout_s,
+        cluster: match &a.profile {
+            Some(p) => Some(super::calibrate::read_profile(p)?.cluster),
+            None => None,
+        },
         faults: switchyard_runtime::trainer::Faults { migration, ..Default::default() },
         ..TrainConfig::default()
     };
