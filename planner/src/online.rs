@@ -194,7 +194,7 @@ impl LayerContext {
     }
 
     fn serving_for(&self, loads: &[f64], placement: &Placement) -> Placement {
-        crate::placement::shares::balance_shares(placement, loads).map(|x| x.0).unwrap_or_else(|_| placement.clone())
+        crate::placement::shares::balanced_shares_only(placement, loads).unwrap_or_else(|_| placement.clone())
     }
 
     /// `load` prepared once for pricing several placements under it ([`LayerContext::times_ms_prepared`],
@@ -470,6 +470,192 @@ impl LayerPrediction {
     }
 }
 
+/// One layer's prediction fused with its preparation for pricing, for Switchyard: the predicted loads and node
+/// sums of [`LayerPrediction::from_history`] and [`LayerContext::prepare`] of its rounded matrix, bit for bit, in
+/// one pass over the window that writes the prepared (expert-major, floating-point) form directly, without the
+/// rounded matrix or its transpose.
+struct FusedPrediction {
+    /// [`LayerPrediction::loads`].
+    loads: Vec<f64>,
+    /// [`LayerPrediction::node_src`].
+    node_src: Option<Vec<f64>>,
+    /// The rounded prediction, prepared.
+    load: LayerLoad,
+}
+
+/// Buffers of [`fused_prediction`], reused between calls on one thread; `spare` holds the parts of prepared
+/// loads handed back ([`recycle`]).
+#[derive(Default)]
+struct FusedScratch {
+    acc: Vec<u64>,
+    col: Vec<u64>,
+    node_acc: Vec<u64>,
+    per_col: Vec<u64>,
+    full_col: Vec<u64>,
+    spare: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)>,
+}
+
+thread_local! {
+    static FUSED: std::cell::RefCell<FusedScratch> = std::cell::RefCell::new(FusedScratch::default());
+}
+
+/// Rows of the window summed together before their block is written expert-major (one cache line of each
+/// expert's column).
+const ROW_BLOCK: usize = 8;
+
+/// [`FusedPrediction`] from `history`; None where [`LayerPrediction::from_history`] would not take its integer
+/// shortcut (the caller then goes the long way).
+fn fused_prediction(
+    predictor: &Predictor,
+    history: &[&LoadMatrix],
+    current: &Placement,
+    ctx: &LayerContext,
+) -> Option<FusedPrediction> {
+    let last = history.last()?;
+    let w = match *predictor {
+        Predictor::Last => 1,
+        Predictor::WindowMean { window } => window.clamp(1, history.len()),
+        Predictor::Ema { .. } => 0,
+    };
+    let window = &history[history.len() - w.min(history.len())..];
+    let (r, e) = (last.ranks, last.experts);
+    let fast = w.is_power_of_two()
+        && e > 0
+        && e == current.experts
+        && last.counts.len() == r * e
+        && window.iter().all(|m| m.ranks == r && m.experts == e && m.counts.len() == last.counts.len());
+    if !fast {
+        return None;
+    }
+    let shift = w.trailing_zeros();
+    let half = (w / 2) as u64;
+    let gpus = current.gpus;
+    let gpn = ctx.gpus_per_node.clamp(1, gpus.max(1));
+    let mb = ctx.micro_batches.max(1) as u64;
+    FUSED.with_borrow_mut(|f| {
+        let FusedScratch { acc, col, node_acc, per_col, full_col, spare } = f;
+        let (loads_buf, mut own, mut by_expert) = spare.pop().unwrap_or_default();
+        acc.clear();
+        acc.resize(ROW_BLOCK * e, 0);
+        for v in [&mut *col, &mut *per_col] {
+            v.clear();
+            v.resize(e, 0);
+        }
+        full_col.clear();
+        full_col.resize(if mb > 1 { e } else { 0 }, 0);
+        node_acc.clear();
+        node_acc.resize(gpus.div_ceil(gpn) * e, 0);
+        own.clear();
+        own.resize(r, 0.0);
+        // Every entry is written below.
+        if by_expert.len() != r * e {
+            by_expert.clear();
+            by_expert.resize(r * e, 0.0);
+        }
+        for s0 in (0..r).step_by(ROW_BLOCK) {
+            let s1 = (s0 + ROW_BLOCK).min(r);
+            // The block's rows of each observation, one contiguous run after another.
+            let block = &mut acc[..(s1 - s0) * e];
+            block.copy_from_slice(&window[0].counts[s0 * e..s1 * e]);
+            for m in &window[1..] {
+                for (a, &x) in block.iter_mut().zip(&m.counts[s0 * e..s1 * e]) {
+                    *a += x;
+                }
+            }
+            for (i, s) in (s0..s1).enumerate() {
+                let a = &mut acc[i * e..(i + 1) * e];
+                // The window sums into the column and node sums; the rounded mean (then, per micro-batch, its
+                // share) in their place, into its row sum and column sums.
+                let n = if s < gpus { s / gpn } else { usize::MAX };
+                let mut row = 0u64;
+                if n != usize::MAX && mb == 1 {
+                    let nodes = &mut node_acc[n * e..(n + 1) * e];
+                    for (((a, c), nd), p) in a.iter_mut().zip(col.iter_mut()).zip(nodes).zip(per_col.iter_mut()) {
+                        let x = *a;
+                        *c += x;
+                        *nd += x;
+                        let v = (x + half) >> shift;
+                        *a = v;
+                        *p += v;
+                        row += v;
+                    }
+                } else {
+                    for (c, &x) in col.iter_mut().zip(a.iter()) {
+                        *c += x;
+                    }
+                    if n != usize::MAX {
+                        for (nd, &x) in node_acc[n * e..(n + 1) * e].iter_mut().zip(a.iter()) {
+                            *nd += x;
+                        }
+                    }
+                    if mb == 1 {
+                        for (a, p) in a.iter_mut().zip(per_col.iter_mut()) {
+                            let v = (*a + half) >> shift;
+                            *a = v;
+                            *p += v;
+                            row += v;
+                        }
+                    } else {
+                        for ((a, p), full) in a.iter_mut().zip(per_col.iter_mut()).zip(full_col.iter_mut()) {
+                            let v = (*a + half) >> shift;
+                            *full += v;
+                            let v = v.div_ceil(mb);
+                            *a = v;
+                            *p += v;
+                            row += v;
+                        }
+                    }
+                }
+                // Whole numbers below 2^53 (checked below): the sum in floating point is this, exactly.
+                own[s] = int_to_f64(row);
+            }
+            // As floats (the values are below 2^50, else all of this is discarded below), then expert-major.
+            for (x, out) in by_expert.chunks_exact_mut(r).enumerate() {
+                for (o, row) in out[s0..s1].iter_mut().zip(acc.chunks_exact(e)) {
+                    *o = small_to_f64(row[x]);
+                }
+            }
+        }
+        // The means are exact in f64 while every sum stays well below 2^53.
+        if col.iter().map(|&c| c as u128).sum::<u128>() >= 1u128 << 50 {
+            spare.push((loads_buf, own, by_expert));
+            return None;
+        }
+        let wf = w as f64;
+        let loads = col.iter().map(|&c| int_to_f64(c) / wf).collect();
+        let node_src = Some(node_acc.iter().map(|&x| int_to_f64(x) / wf).collect());
+        let mut per_loads = loads_buf;
+        per_loads.clear();
+        per_loads.extend(per_col.iter().map(|&x| int_to_f64(x)));
+        let full = (mb > 1).then(|| full_col.iter().map(|&x| int_to_f64(x)).collect());
+        let per = PreparedLoad::from_parts(r, e, per_loads, own, by_expert);
+        Some(FusedPrediction { loads, node_src, load: LayerLoad { full, per } })
+    })
+}
+
+/// `x as f64`, through the signed conversion (one instruction) where that is the same value.
+#[inline]
+fn int_to_f64(x: u64) -> f64 {
+    if x <= i64::MAX as u64 { x as i64 as f64 } else { x as f64 }
+}
+
+/// `x as f64` for `x` below 2^52 (`2^52 + x` is exact, and so is taking 2^52 away): integer and float
+/// operations only, which vectorise; anything for larger `x`.
+#[inline]
+fn small_to_f64(x: u64) -> f64 {
+    const TWO_52: u64 = 0x4330_0000_0000_0000;
+    f64::from_bits(x | TWO_52) - f64::from_bits(TWO_52)
+}
+
+/// Hands a prepared load's buffers back to this thread's [`fused_prediction`].
+fn recycle(load: LayerLoad) {
+    FUSED.with_borrow_mut(|f| {
+        if f.spare.len() < 4 {
+            f.spare.push(load.per.into_parts());
+        }
+    });
+}
+
 /// Candidate placements for one layer: the algorithm's proposal and, for Switchyard, also the minimal repair of
 /// the current placement (the policy keeps whichever pays best once migration is charged).
 pub fn candidates(alg: Algorithm, predicted: &[Vec<f64>], current: &Placement, ctx: &LayerContext) -> Vec<Placement> {
@@ -705,10 +891,30 @@ pub fn decide(
         .zip(current.par_iter())
         .zip(ctx.par_iter())
         .map(|((h, cur), c)| {
-            let Some(pred) = LayerPrediction::from_history(&cfg.predictor, cfg.algorithm, h, cur, c) else {
-                return (0.0, Migration::default(), cur.clone());
+            // Switchyard's forms in one pass when the prediction allows (the same numbers), else the long way.
+            let fused =
+                (cfg.algorithm == Algorithm::Switchyard).then(|| fused_prediction(&cfg.predictor, h, cur, c)).flatten();
+            let (pm, cands) = match fused {
+                Some(f) => {
+                    let (proposal, repair) = crate::placement::switchyard::placement_and_repair(
+                        &f.loads,
+                        f.node_src.as_deref(),
+                        cur,
+                        cur.gpus,
+                        c.slots_per_gpu,
+                        &switchyard_options(c),
+                    );
+                    let mut v = vec![or_fallback(proposal, &f.loads, cur, c)];
+                    v.extend(repair);
+                    (f.load, v)
+                }
+                None => {
+                    let Some(pred) = LayerPrediction::from_history(&cfg.predictor, cfg.algorithm, h, cur, c) else {
+                        return (0.0, Migration::default(), cur.clone());
+                    };
+                    (c.prepare(&pred.rounded), candidates_for(cfg.algorithm, &pred, cur, c))
+                }
             };
-            let pm = c.prepare(&pred.rounded);
             let before = c.iteration_ms_prepared(&pm, cur);
             // Keep the candidate with the best net benefit over the horizon (a tie keeps the fewer bytes). A
             // new placement serves until the load moves on: expect it to last at least the next N iterations,
@@ -718,7 +924,7 @@ pub fn decide(
                 _ => iterations_since.max(1) as f64,
             };
             let mut best: Option<(f64, f64, Migration, Placement)> = None;
-            for p in candidates_for(cfg.algorithm, &pred, cur, c) {
+            for p in cands {
                 // Candidates already carry the shares that balance the predicted load.
                 let g = before - c.times_ms_prepared(&pm, &p).0;
                 let m = migration(cur, &p, c);
@@ -727,6 +933,7 @@ pub fn decide(
                     best = Some((net, g, m, p));
                 }
             }
+            recycle(pm);
             let (_, g, m, p) = best.expect("at least one candidate");
             (g, m, p)
         })
@@ -1119,6 +1326,45 @@ mod equals_reference {
             prop_assert_eq!(&fast.rounded, &slow.rounded);
             prop_assert_eq!(bits(&fast.loads), bits(&slow.loads));
             prop_assert_eq!(fast.node_src.as_deref().map(bits), slow.node_src.as_deref().map(bits));
+        }
+
+        #[test]
+        fn fused_prediction_bit_identical(
+            k in 0usize..8,
+            n in 1usize..7,
+            seed in 0u64..100_000,
+            micro_batches in 1usize..4,
+            gpus in prop::sample::select(vec![8usize, 16]),
+            // Node sizes that do and do not divide the GPUs.
+            gpus_per_node in prop::sample::select(vec![8usize, 6, 5]),
+        ) {
+            let mut c = ctx(gpus, 5);
+            c.micro_batches = micro_batches;
+            c.gpus_per_node = gpus_per_node;
+            let cur = Placement::contiguous(gpus, 5, 32).unwrap();
+            let h = history(n, gpus, 32, seed);
+            let hr: Vec<&LoadMatrix> = h.iter().collect();
+            let slow = LayerPrediction::from_history(&predictor(k), Algorithm::Switchyard, &hr, &cur, &c).unwrap();
+            let prepared = c.prepare(&slow.rounded);
+            match fused_prediction(&predictor(k), &hr, &cur, &c) {
+                Some(fast) => {
+                    prop_assert_eq!(bits(&fast.loads), bits(&slow.loads));
+                    prop_assert_eq!(fast.node_src.as_deref().map(bits), slow.node_src.as_deref().map(bits));
+                    prop_assert_eq!(fast.load.full.as_deref().map(bits), prepared.full.as_deref().map(bits));
+                    let (a, b) = (fast.load.per.clone().into_parts(), prepared.per.clone().into_parts());
+                    prop_assert_eq!((bits(&a.0), bits(&a.1), bits(&a.2)), (bits(&b.0), bits(&b.1), bits(&b.2)));
+                    prop_assert_eq!(fast.load.per, prepared.per);
+                }
+                // Only where the integer shortcut does not apply.
+                None => {
+                    let w = match predictor(k) {
+                        Predictor::Last => 1,
+                        Predictor::WindowMean { window } => window.clamp(1, n),
+                        Predictor::Ema { .. } => 0,
+                    };
+                    prop_assert!(!w.is_power_of_two());
+                }
+            }
         }
 
         #[test]

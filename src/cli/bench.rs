@@ -292,6 +292,10 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
     };
     let (first_ms, d) = run();
     let (med, min, max) = median((0..a.repeat.max(1)).map(|_| run().0).collect());
+    // The same decision on one thread: the work itself, less sensitive to other load on a shared machine than
+    // the parallel time (the layers are independent, so N free cores divide it by about N).
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let (one_med, _, _) = one.install(|| median((0..a.repeat.max(1)).map(|_| run().0).collect()));
     // The placement step alone, per layer, for the same predicted loads (the part EPLB's algorithm does).
     let loads: Vec<Vec<f64>> = history
         .iter()
@@ -356,6 +360,7 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
         "experts": a.experts, "gpus": a.gpus, "layers": a.layers, "slots_per_gpu": slots,
         "eplb_global_median_ms": eplb_global_ms.0, "eplb_hierarchical_median_ms": eplb_hier_ms.0,
         "decision_median_ms": med, "decision_min_ms": min, "decision_max_ms": max, "first_run_ms": first_ms,
+        "threads": rayon::current_num_threads(), "decision_one_thread_median_ms": one_med,
         "placement_only_median_ms": place_ms.0, "switch": d.switch, "gain_ms_per_iter": d.gain_ms_per_iter,
         "migration_ms": d.migration_ms, "target_ms": 5.0,
     });
@@ -374,6 +379,12 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
             max,
             first_ms,
             place_ms.0
+        );
+        println!(
+            "  {} threads; on 1 thread {:.2} ms median ({:.0} us per layer)",
+            rayon::current_num_threads(),
+            one_med,
+            one_med * 1e3 / a.layers.max(1) as f64
         );
         println!(
             "  EPLB on the same loads (placement only): global {:.2} ms, hierarchical {:.2} ms",

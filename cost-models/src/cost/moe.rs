@@ -115,6 +115,30 @@ impl PreparedLoad {
         PreparedLoad { ranks: r, experts: e, loads, own, by_expert }
     }
 
+    /// A prepared load from its parts, for a caller that derives them in its own pass over the counts (the policy
+    /// fuses this with its prediction): `loads[x]` the column sums, `own[s]` the row sums and `by_expert[x * ranks
+    /// + s]` the counts, all as floats. They must be what [`PreparedLoad::new`] computes for the same counts
+    /// (for whole-number counts whose sums stay below 2^53, each sum is the integer sum converted once) for the
+    /// pricing to equal [`moe_layer_exact`]'s. Panics when the lengths disagree with `ranks` and `experts`.
+    pub fn from_parts(
+        ranks: usize,
+        experts: usize,
+        loads: Vec<f64>,
+        own: Vec<f64>,
+        by_expert: Vec<f64>,
+    ) -> PreparedLoad {
+        assert!(
+            loads.len() == experts && own.len() == ranks && by_expert.len() == ranks * experts,
+            "prepared load parts of the wrong lengths"
+        );
+        PreparedLoad { ranks, experts, loads, own, by_expert }
+    }
+
+    /// The parts back (`loads`, `own`, `by_expert`), for reusing their buffers.
+    pub fn into_parts(self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        (self.loads, self.own, self.by_expert)
+    }
+
     /// Tokens routed to each expert.
     pub fn expert_loads(&self) -> &[f64] {
         &self.loads
@@ -184,31 +208,65 @@ pub fn moe_layer_exact_prepared(
     if load.experts != placement.experts {
         return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
     }
+    PRICE_SCRATCH.with_borrow_mut(|w| price_with(shape, load, placement, gpus, fabric, c, hierarchical, w))
+}
+
+/// Buffers [`moe_layer_exact_prepared`] reuses between calls on one thread.
+#[derive(Default)]
+struct PriceScratch {
+    cnt: Vec<u32>,
+    share: Vec<f64>,
+    to_gpu: Vec<f64>,
+    starts: Vec<usize>,
+    fill: Vec<usize>,
+    members: Vec<u32>,
+    sets: Vec<(usize, usize)>,
+    a2a: A2aScratch,
+    a2a_t: A2aScratch,
+}
+
+thread_local! {
+    static PRICE_SCRATCH: std::cell::RefCell<PriceScratch> = std::cell::RefCell::new(PriceScratch::default());
+}
+
+/// The body of [`moe_layer_exact_prepared`] (shapes checked) on reused buffers.
+#[allow(clippy::too_many_arguments)]
+fn price_with(
+    shape: &MoeLayerShape,
+    load: &PreparedLoad,
+    placement: &Placement,
+    gpus: &[u32],
+    fabric: &Fabric,
+    c: &ModelConstants,
+    hierarchical: bool,
+    w: &mut PriceScratch,
+) -> Result<MoeLayerTime, String> {
     let d = shape.d_model as f64;
     let ng = placement.gpus;
     let spg = placement.slots_per_gpu.max(1);
-    let cnt = placement.replica_counts();
-    let share: Vec<f64> = (0..placement.slots.len()).map(|slot| placement.share(slot, &cnt)).collect();
-    let slot_gpu: Vec<usize> = (0..ng).flat_map(|g| std::iter::repeat_n(g, spg)).take(placement.slots.len()).collect();
+    let ns = placement.slots.len();
+    let cnt = &mut w.cnt;
+    cnt.clear();
+    cnt.resize(placement.experts, 0);
+    for &x in &placement.slots {
+        cnt[x as usize] += 1;
+    }
+    let share = &mut w.share;
+    share.clear();
+    share.extend((0..ns).map(|slot| placement.share(slot, cnt)));
     // Compute per GPU: each slot runs its share of its expert's tokens.
     let mut gpu_time = vec![0.0; ng];
     let mut gpu_tokens = vec![0.0; ng];
-    for (slot, (&e, &sh)) in placement.slots.iter().zip(&share).enumerate() {
-        let g = slot_gpu[slot];
+    let rates = DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s };
+    let fixed = 2.0 * c.per_expert_overhead_us * 1e-6;
+    for (slot, (&e, &sh)) in placement.slots.iter().zip(share.iter()).enumerate() {
+        let g = slot / spg;
         let tokens = load.loads[e as usize] * sh;
         if tokens <= 0.0 {
             continue;
         }
-        let (f, b) = ffn_time_s(
-            tokens,
-            d,
-            shape.d_ffn as f64,
-            shape.gated,
-            shape.act_bytes as f64,
-            DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s },
-            c,
-        );
-        gpu_time[g] += f + b + 2.0 * c.per_expert_overhead_us * 1e-6;
+        let (f, b) = ffn_time_s(tokens, d, shape.d_ffn as f64, shape.gated, shape.act_bytes as f64, rates, c);
+        gpu_time[g] += f + b + fixed;
         gpu_tokens[g] += tokens;
     }
     // Local permutation on each source GPU: gather its tokens into per-expert buffers and scatter the results
@@ -225,7 +283,9 @@ pub fn moe_layer_exact_prepared(
     // GPU's slots, in slot order, as [`traffic_tokens`] sums them, then scaled); the sums over slots run along
     // the sources, all sources at once.
     let r = load.ranks;
-    let mut to_gpu = vec![0.0; ng * r];
+    let to_gpu = &mut w.to_gpu;
+    to_gpu.clear();
+    to_gpu.resize(ng * r, 0.0);
     for ((out, xs), sh) in
         to_gpu.chunks_exact_mut(r.max(1)).zip(placement.slots.chunks_exact(spg)).zip(share.chunks_exact(spg))
     {
@@ -240,27 +300,31 @@ pub fn moe_layer_exact_prepared(
         }
     }
     // `to_gpu` is the dispatch matrix transposed: the combine's matrix.
-    let (combine, dispatch) = all_to_all_both_ways_s(&to_gpu, gpus, fabric, hierarchical);
+    let (combine, dispatch) = all_to_all_both_ways_with(to_gpu, gpus, fabric, hierarchical, &mut w.a2a, &mut w.a2a_t);
     let a2a_s = 2.0 * (dispatch + combine);
     // Replica gradient sync: one ring all-reduce per replicated expert, all running together. Each holder
     // sends 2 (r-1)/r of the gradient over its link; a ring that spans k nodes crosses each of them once in and
     // once out, so each spanned node's NICs carry 2 (r-1)/r of the gradient per such expert.
     let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
     // The distinct GPUs of each replicated expert, in increasing global index, one set after another.
-    let mut starts = vec![0usize; placement.experts + 1];
-    for &x in &placement.slots {
-        starts[x as usize + 1] += 1;
-    }
+    let starts = &mut w.starts;
+    starts.clear();
+    starts.resize(placement.experts + 1, 0);
     for x in 0..placement.experts {
-        starts[x + 1] += starts[x];
+        starts[x + 1] = starts[x] + cnt[x] as usize;
     }
-    let mut fill = starts.clone();
-    let mut members = vec![0u32; placement.slots.len()];
-    for (&x, &g) in placement.slots.iter().zip(&slot_gpu) {
-        members[fill[x as usize]] = gpus[g];
+    let fill = &mut w.fill;
+    fill.clear();
+    fill.extend_from_slice(starts);
+    let members = &mut w.members;
+    members.clear();
+    members.resize(ns, 0);
+    for (slot, &x) in placement.slots.iter().enumerate() {
+        members[fill[x as usize]] = gpus[slot / spg];
         fill[x as usize] += 1;
     }
-    let mut sets: Vec<(usize, usize)> = Vec::new();
+    let sets = &mut w.sets;
+    sets.clear();
     for x in 0..placement.experts {
         if cnt[x] > 1 {
             let m = &mut members[starts[x]..starts[x + 1]];
@@ -275,10 +339,14 @@ pub fn moe_layer_exact_prepared(
             sets.push((starts[x], starts[x] + k));
         }
     }
+    let members = &*members;
     let sync_s = replica_sync_sets(sets.iter().map(|&(a, b)| &members[a..b]), grad_bytes, fabric);
     let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
     let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
     let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
+    for t in gpu_time.iter_mut() {
+        *t *= 1e3;
+    }
     Ok(MoeLayerTime {
         compute_ms: compute_s * 1e3,
         all_to_all_ms: a2a_s * 1e3,
@@ -287,7 +355,7 @@ pub fn moe_layer_exact_prepared(
         total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
         busiest_gpu,
         gpu_tokens,
-        gpu_compute_ms: gpu_time.iter().map(|t| t * 1e3).collect(),
+        gpu_compute_ms: gpu_time,
         imbalance,
     })
 }
@@ -295,19 +363,26 @@ pub fn moe_layer_exact_prepared(
 /// [`super::comm::all_to_all_time_s`] of a square byte matrix (row-major, `bytes[s * g + d]` from `s` to `d`) and of its
 /// transpose, without building either as nested vectors: each sum is taken in the order `all_to_all_time_s`
 /// takes it, so the two times are those of `all_to_all_time_s(bytes)` and `all_to_all_time_s(transposed)`
-/// exactly.
-fn all_to_all_both_ways_s(bytes: &[f64], gpus: &[u32], fabric: &Fabric, hierarchical: bool) -> (f64, f64) {
+/// exactly. The tallies are reused buffers.
+fn all_to_all_both_ways_with(
+    bytes: &[f64],
+    gpus: &[u32],
+    fabric: &Fabric,
+    hierarchical: bool,
+    scratch: &mut A2aScratch,
+    scratch_t: &mut A2aScratch,
+) -> (f64, f64) {
     let g = gpus.len();
     if g <= 1 {
         return (0.0, 0.0);
     }
     let links = A2aLinks::new(gpus, fabric);
-    let mut scratch = A2aScratch::new(g, links.nodes);
-    let mut scratch_t = A2aScratch::new(g, links.nodes);
+    scratch.reset(g, links.nodes);
+    scratch_t.reset(g, links.nodes);
     // Both directions in one sweep (two independent chains of additions), each in its own order.
-    let peers = links.tally_both(bytes, hierarchical, &mut scratch, &mut scratch_t);
-    let dispatch = links.finish(&scratch, peers.0, fabric, hierarchical);
-    let combine = links.finish(&scratch_t, peers.1, fabric, hierarchical);
+    let peers = links.tally_both(bytes, hierarchical, scratch, scratch_t);
+    let dispatch = links.finish(scratch, peers.0, fabric, hierarchical);
+    let combine = links.finish(scratch_t, peers.1, fabric, hierarchical);
     (dispatch, combine)
 }
 
@@ -358,7 +433,7 @@ pub fn all_to_all_sparse_time_s(
     links.finish(&w, (max_peers_intra, max_peers_inter), fabric, hierarchical)
 }
 
-/// Where each GPU of an all-to-all sits and what its links carry ([`all_to_all_both_ways_s`]).
+/// Where each GPU of an all-to-all sits and what its links carry ([`all_to_all_both_ways_with`]).
 struct A2aLinks {
     nix: Vec<usize>,
     intra_bw: Vec<f64>,
@@ -368,6 +443,7 @@ struct A2aLinks {
 }
 
 /// Bytes each GPU sends and receives within its node and each node sends and receives across nodes.
+#[derive(Default)]
 struct A2aScratch {
     intra_send: Vec<f64>,
     intra_recv: Vec<f64>,
@@ -382,6 +458,19 @@ impl A2aScratch {
             intra_recv: vec![0.0; gpus],
             inter_send: vec![0.0; nodes],
             inter_recv: vec![0.0; nodes],
+        }
+    }
+
+    /// All tallies zero, for `gpus` GPUs on `nodes` nodes.
+    fn reset(&mut self, gpus: usize, nodes: usize) {
+        for (v, n) in [
+            (&mut self.intra_send, gpus),
+            (&mut self.intra_recv, gpus),
+            (&mut self.inter_send, nodes),
+            (&mut self.inter_recv, nodes),
+        ] {
+            v.clear();
+            v.resize(n, 0.0);
         }
     }
 }
@@ -456,39 +545,35 @@ impl A2aLinks {
                             continue;
                         }
                         let (b, bt) = (row[d], bytes[d * g + s]);
-                        if positive(b) {
-                            send += b;
-                            w.intra_recv[d] += b;
-                            pi += 1;
-                        }
-                        if positive(bt) {
-                            send_t += bt;
-                            wt.intra_recv[d] += bt;
-                            pi_t += 1;
-                        }
+                        // Adding +0 instead of a non-positive amount leaves every tally as it is (they start at
+                        // +0 and only grow), so the sums need no branch.
+                        let (pb, pbt) = (positive(b), positive(bt));
+                        let (b, bt) = (if pb { b } else { 0.0 }, if pbt { bt } else { 0.0 });
+                        send += b;
+                        w.intra_recv[d] += b;
+                        pi += pb as usize;
+                        send_t += bt;
+                        wt.intra_recv[d] += bt;
+                        pi_t += pbt as usize;
                     }
                 } else {
                     let (mut recv, mut recv_t) = (w.inter_recv[nd], wt.inter_recv[nd]);
                     for d in d0..d1 {
                         let (b, bt) = (row[d], bytes[d * g + s]);
-                        if positive(b) {
-                            inter += b;
-                            recv += b;
-                            if HIERARCHICAL {
-                                send += b;
-                                w.intra_recv[d] += b;
-                            }
-                            pe += 1;
+                        let (pb, pbt) = (positive(b), positive(bt));
+                        let (b, bt) = (if pb { b } else { 0.0 }, if pbt { bt } else { 0.0 });
+                        inter += b;
+                        recv += b;
+                        inter_t += bt;
+                        recv_t += bt;
+                        if HIERARCHICAL {
+                            send += b;
+                            w.intra_recv[d] += b;
+                            send_t += bt;
+                            wt.intra_recv[d] += bt;
                         }
-                        if positive(bt) {
-                            inter_t += bt;
-                            recv_t += bt;
-                            if HIERARCHICAL {
-                                send_t += bt;
-                                wt.intra_recv[d] += bt;
-                            }
-                            pe_t += 1;
-                        }
+                        pe += pb as usize;
+                        pe_t += pbt as usize;
                     }
                     w.inter_recv[nd] = recv;
                     wt.inter_recv[nd] = recv_t;

@@ -102,7 +102,7 @@ fn loads_and_homes(placement: &Placement, loads: &[f64]) -> (Vec<f64>, Vec<Vec<u
 /// water-filling ([`balance_shares_waterfill`]), which converges to the same balance in practice at a fraction of
 /// the cost.
 pub fn balance_shares(placement: &Placement, loads: &[f64]) -> Result<(Placement, f64), PlacementError> {
-    let flexible = placement.replica_counts().iter().filter(|&&c| c > 1).count();
+    let flexible = count_flexible(placement);
     if flexible <= 64 && placement.gpus <= 32 {
         balance_shares_exact(placement, loads)
     } else {
@@ -118,16 +118,91 @@ pub fn balance_shares_waterfill(
     loads: &[f64],
     passes: usize,
 ) -> Result<(Placement, f64), PlacementError> {
+    WATERFILL.with_borrow_mut(|w| {
+        let p = waterfill_with(placement, loads, passes, w);
+        let max = busiest(&p, &w.loads);
+        Ok((p, max))
+    })
+}
+
+/// [`balance_shares`] without the busiest load (the placement only).
+pub(crate) fn balanced_shares_only(placement: &Placement, loads: &[f64]) -> Result<Placement, PlacementError> {
+    let flexible = count_flexible(placement);
+    if flexible <= 64 && placement.gpus <= 32 {
+        balance_shares_exact(placement, loads).map(|x| x.0)
+    } else {
+        Ok(WATERFILL.with_borrow_mut(|w| waterfill_with(placement, loads, 12, w)))
+    }
+}
+
+/// Experts with more than one slot.
+fn count_flexible(placement: &Placement) -> usize {
+    WATERFILL.with_borrow_mut(|w| {
+        w.cnt.clear();
+        w.cnt.resize(placement.experts, 0);
+        for &x in &placement.slots {
+            w.cnt[x as usize] += 1;
+        }
+        w.cnt.iter().filter(|&&c| c > 1).count()
+    })
+}
+
+/// The largest of [`gpu_loads`], without collecting them.
+fn busiest(p: &Placement, loads: &[f64]) -> f64 {
+    if p.slots_per_gpu == 0 {
+        return 0.0;
+    }
+    let spg = p.slots_per_gpu;
+    let cnt = if p.shares.is_some() { Vec::new() } else { p.replica_counts() };
+    p.slots
+        .chunks_exact(spg)
+        .enumerate()
+        .map(|(g, xs)| {
+            let mut t = 0.0;
+            for (j, &x) in xs.iter().enumerate() {
+                t += loads[x as usize] * p.share(g * spg + j, &cnt);
+            }
+            t
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Buffers of the water-filling, reused between calls on one thread.
+#[derive(Default)]
+struct Waterfill {
+    cnt: Vec<u32>,
+    loads: Vec<f64>,
+    ex: ExpertSlots,
+    hstart: Vec<usize>,
+    homes: Vec<usize>,
+    on_home: Vec<usize>,
+    flex: Vec<usize>,
+    contrib: Vec<f64>,
+    gpu: Vec<f64>,
+    order: Vec<usize>,
+    other: Vec<f64>,
+    frac: Vec<f64>,
+}
+
+thread_local! {
+    static WATERFILL: std::cell::RefCell<Waterfill> = std::cell::RefCell::new(Waterfill::default());
+}
+
+/// The water-filling's placement, on reused buffers (`w.loads` holds the sanitised loads afterwards).
+fn waterfill_with(placement: &Placement, loads_in: &[f64], passes: usize, w: &mut Waterfill) -> Placement {
     let e = placement.experts;
-    let loads: Vec<f64> =
-        (0..e).map(|x| loads.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)).collect();
+    let Waterfill { loads, ex, hstart, homes, on_home, flex, contrib, gpu, order, other, frac, .. } = w;
+    loads.clear();
+    loads.extend((0..e).map(|x| loads_in.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)));
+    let loads = &*loads;
     // Each expert's slots (in slot order, so by GPU), as one array cut at `start`.
-    let ex = ExpertSlots::new(placement);
+    ex.fill(placement);
+    let ex = &*ex;
     // The distinct GPUs of each expert (its homes) in increasing order, cut at `hstart`, and how many of its
     // slots each home holds.
-    let mut hstart = Vec::with_capacity(e + 1);
-    let mut homes: Vec<usize> = Vec::with_capacity(placement.slots.len());
-    let mut on_home: Vec<usize> = Vec::with_capacity(placement.slots.len());
+    hstart.clear();
+    homes.clear();
+    on_home.clear();
     hstart.push(0);
     for x in 0..e {
         for &slot in ex.of(x) {
@@ -141,45 +216,80 @@ pub fn balance_shares_waterfill(
         }
         hstart.push(homes.len());
     }
+    let (hstart, homes, on_home) = (&*hstart, &*homes, &*on_home);
     let nh = |x: usize| hstart[x + 1] - hstart[x];
     // Contribution of each flexible expert to each of its homes (indexed like `homes`), from the even split.
-    let flex: Vec<usize> = (0..e).filter(|&x| nh(x) > 1 && loads[x] > 0.0).collect();
-    let mut contrib = vec![0.0; homes.len()];
-    for &x in &flex {
+    flex.clear();
+    flex.extend((0..e).filter(|&x| nh(x) > 1 && loads[x] > 0.0));
+    contrib.clear();
+    contrib.resize(homes.len(), 0.0);
+    for &x in flex.iter() {
         let c = loads[x] / nh(x) as f64;
         contrib[hstart[x]..hstart[x + 1]].fill(c);
     }
-    let mut gpu = vec![0.0; placement.gpus];
+    gpu.clear();
+    gpu.resize(placement.gpus, 0.0);
     for x in 0..e {
         if nh(x) == 1 {
             gpu[homes[hstart[x]]] += loads[x];
         }
     }
-    for &x in &flex {
+    for &x in flex.iter() {
         for k in hstart[x]..hstart[x + 1] {
             gpu[homes[k]] += contrib[k];
         }
     }
-    let mut order: Vec<usize> = Vec::new();
-    let mut other: Vec<f64> = Vec::new();
+    // Each expert's homes in order (indices into its homes), kept from pass to pass.
+    order.clear();
+    order.extend((0..e).flat_map(|x| 0..nh(x)));
     let scale = loads.iter().copied().fold(1.0, f64::max);
     for _ in 0..passes {
         let mut moved = 0.0f64;
-        for &x in &flex {
+        for &x in flex.iter() {
             let (a, b) = (hstart[x], hstart[x + 1]);
             let h = &homes[a..b];
             let cx = &mut contrib[a..b];
+            if let ([g0, g1], [c0, c1]) = (h, &mut *cx) {
+                // Two homes (the common case): the steps of the general case below, written out (a product or
+                // quotient by 1 is exact, so the same values).
+                let (o0, o1) = (gpu[*g0] - *c0, gpu[*g1] - *c1);
+                let (lo, hi) = if o0.total_cmp(&o1).is_gt() { (o1, o0) } else { (o0, o1) };
+                let remaining = loads[x];
+                let need = hi - lo;
+                let level = if need >= remaining {
+                    lo + remaining
+                } else {
+                    let rest = remaining - need;
+                    // The next level is infinite: the need is too, and the rest spreads over both homes.
+                    if (f64::INFINITY - hi) * 2.0 >= rest { hi + rest / 2.0 } else { f64::INFINITY }
+                };
+                let v0 = (level - o0).max(0.0);
+                moved = moved.max((v0 - *c0).abs());
+                gpu[*g0] += v0 - *c0;
+                *c0 = v0;
+                let v1 = (level - o1).max(0.0);
+                moved = moved.max((v1 - *c1).abs());
+                gpu[*g1] += v1 - *c1;
+                *c1 = v1;
+                continue;
+            }
             // Load of each home without this expert, then the level that absorbs the expert's tokens.
             other.clear();
             other.extend(h.iter().zip(cx.iter()).map(|(&g, &c)| gpu[g] - c));
             // The homes by their other load (a stable insertion sort: homes are few).
-            order.clear();
-            for i in 0..h.len() {
-                let mut j = order.len();
-                while j > 0 && other[order[j - 1]].total_cmp(&other[i]).is_gt() {
+            // The homes by their other load, ties by index (the order a stable sort gives): an insertion sort
+            // of this expert's order from the previous pass, which the loads change little (the sorted order is
+            // unique, so any starting order gives it).
+            let order = &mut order[a..b];
+            for t in 1..order.len() {
+                let i = order[t];
+                let oi = other[i];
+                let mut j = t;
+                while j > 0 && other[order[j - 1]].total_cmp(&oi).then(order[j - 1].cmp(&i)).is_gt() {
+                    order[j] = order[j - 1];
                     j -= 1;
                 }
-                order.insert(j, i);
+                order[j] = i;
             }
             let mut level = other[order[0]];
             let mut remaining = loads[x];
@@ -195,7 +305,7 @@ pub fn balance_shares_waterfill(
                 level = next;
                 k += 1;
             }
-            for ((&g, c), &o) in h.iter().zip(cx.iter_mut()).zip(&other) {
+            for ((&g, c), &o) in h.iter().zip(cx.iter_mut()).zip(other.iter()) {
                 let v = (level - o).max(0.0);
                 moved = moved.max((v - *c).abs());
                 gpu[g] += v - *c;
@@ -207,8 +317,9 @@ pub fn balance_shares_waterfill(
         }
     }
     // Each slot's fraction: its expert's contribution to its GPU over the expert's slots on that GPU.
-    let mut frac = vec![1.0; placement.slots.len()];
-    for &x in &flex {
+    frac.clear();
+    frac.resize(placement.slots.len(), 1.0);
+    for &x in flex.iter() {
         let mut k = hstart[x];
         for &slot in ex.of(x) {
             while homes[k] != ex.gpu[slot] {
@@ -217,9 +328,7 @@ pub fn balance_shares_waterfill(
             frac[slot] = contrib[k] / loads[x] / on_home[k] as f64;
         }
     }
-    let p = with_shares_of(placement, &ex, &frac);
-    let max = gpu_loads(&p, &loads).into_iter().fold(0.0, f64::max);
-    Ok((p, max))
+    with_shares_of(placement, ex, frac)
 }
 
 /// [`Placement::gpu_loads`], GPU by GPU (the same sums in the same order).
@@ -243,6 +352,7 @@ pub(crate) fn gpu_loads(p: &Placement, loads: &[f64]) -> Vec<f64> {
 }
 
 /// Each expert's slots in slot order, as one array cut per expert, and each slot's GPU.
+#[derive(Default)]
 struct ExpertSlots {
     start: Vec<usize>,
     slots: Vec<usize>,
@@ -250,23 +360,32 @@ struct ExpertSlots {
 }
 
 impl ExpertSlots {
-    fn new(p: &Placement) -> ExpertSlots {
-        let mut start = vec![0usize; p.experts + 1];
+    /// Refills these buffers for `p`.
+    fn fill(&mut self, p: &Placement) {
+        let start = &mut self.start;
+        start.clear();
+        start.resize(p.experts + 1, 0);
         for &x in &p.slots {
             start[x as usize + 1] += 1;
         }
         for x in 0..p.experts {
             start[x + 1] += start[x];
         }
-        let mut fill = start.clone();
-        let mut slots = vec![0usize; p.slots.len()];
+        let slots = &mut self.slots;
+        slots.clear();
+        slots.resize(p.slots.len(), 0);
+        // Each expert's next free position, kept in `slots`' tail order: fill from the cut points.
+        let mut at = std::mem::take(&mut self.gpu);
+        at.clear();
+        at.extend_from_slice(&start[..p.experts]);
         for (s, &x) in p.slots.iter().enumerate() {
-            slots[fill[x as usize]] = s;
-            fill[x as usize] += 1;
+            slots[at[x as usize]] = s;
+            at[x as usize] += 1;
         }
         let spg = p.slots_per_gpu.max(1);
-        let gpu = (0..p.gpus).flat_map(|g| std::iter::repeat_n(g, spg)).take(p.slots.len()).collect();
-        ExpertSlots { start, slots, gpu }
+        at.clear();
+        at.extend((0..p.gpus).flat_map(|g| std::iter::repeat_n(g, spg)).take(p.slots.len()));
+        self.gpu = at;
     }
 
     fn of(&self, x: usize) -> &[usize] {

@@ -333,7 +333,7 @@ fn place_with_counts(
     };
     let placed = Placement::new(gpus, slots_per_gpu, e, bins)?;
     // 5. Token shares: split replicated experts' tokens so the busiest GPU carries the least.
-    if opts.token_shares { Ok(super::shares::balance_shares(&placed, loads)?.0) } else { Ok(placed) }
+    if opts.token_shares { super::shares::balanced_shares_only(&placed, loads) } else { Ok(placed) }
 }
 
 /// Step 3: while the busiest GPU's load falls, swap one of its slots with a slot of another GPU, or retarget one
@@ -492,7 +492,7 @@ fn repair_with_counts(loads: &[f64], want: &[u32], current: &Placement, opts: &S
         freed.remove(k);
     }
     let p = Placement::new(current.gpus, s, e, slots).ok()?;
-    if opts.token_shares { super::shares::balance_shares(&p, loads).ok().map(|x| x.0) } else { Some(p) }
+    if opts.token_shares { super::shares::balanced_shares_only(&p, loads).ok() } else { Some(p) }
 }
 
 /// Switchyard's proposal and the minimal repair of `current` for the same loads, the replica counts computed
