@@ -136,10 +136,18 @@ fn min_over(comm: &dyn Communicator, v: f64) -> Result<f64, RuntimeError> {
     Ok(gather(comm, v)?.into_iter().fold(f64::INFINITY, f64::min))
 }
 
-/// GEMM throughput of this worker at `m` = 64 .. 4096 rows of `m x k` by `k x n`.
-pub fn measure_gemm(engine: &Engine, k: usize, n: usize, repeats: usize) -> Result<Vec<GemmPoint>, RuntimeError> {
+/// GEMM throughput of this worker at `m` = 64 .. 4096 rows of `m x k` by `k x n`, every worker of `comm` at
+/// once (they share the machine as in training; every worker must call it); the slowest worker's rate.
+pub fn measure_gemm(
+    comm: &dyn Communicator,
+    engine: &Engine,
+    k: usize,
+    n: usize,
+    repeats: usize,
+) -> Result<Vec<GemmPoint>, RuntimeError> {
     let mut out = Vec::new();
     for m in [64usize, 256, 1024, 4096] {
+        comm.barrier()?;
         let a = vec![0.5f32; m * k];
         let b = vec![0.25f32; k * n];
         let mut c = vec![0.0f32; m * n];
@@ -149,6 +157,7 @@ pub fn measure_gemm(engine: &Engine, k: usize, n: usize, repeats: usize) -> Resu
             engine.run(|cx| sgemm(cx, Trans::No, Trans::No, m, n, k, &a, k, &b, n, &mut c, n, false))?;
             best = best.min(t.elapsed().as_secs_f64());
         }
+        let best = max_over(comm, best)?;
         out.push(GemmPoint { m, n, k, gflops: 2.0 * (m * n * k) as f64 / best.max(1e-12) / 1e9 });
     }
     Ok(out)
@@ -344,8 +353,7 @@ pub fn measured_cluster(workers: usize, gemm: &[GemmPoint], copy_gbyte_s: f64, a
 pub fn profile(comm: &dyn Communicator, cfg: &ProfileConfig) -> Result<Option<ProfileReport>, RuntimeError> {
     let engine = Engine::new(Compute::new(cfg.threads_per_worker.max(1)))?;
     // GEMMs and copies: every worker at once, as in training (they share the machine).
-    comm.barrier()?;
-    let gemm = measure_gemm(&engine, cfg.d_model, cfg.d_ffn, cfg.repeats)?;
+    let gemm = measure_gemm(comm, &engine, cfg.d_model, cfg.d_ffn, cfg.repeats)?;
     let rates = crate::machine::measure_local(cfg.threads_per_worker)?;
     let copy_gbyte_s = min_over(comm, rates.copy_gbyte_s)?;
     let comm_points = measure_comm(comm, cfg.repeats)?;
