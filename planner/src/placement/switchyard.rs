@@ -612,67 +612,9 @@ impl Hungarian {
 /// row.
 pub fn min_cost_assignment(cost: &[Vec<f64>]) -> Vec<usize> {
     let n = cost.len();
-    if n == 0 {
-        return Vec::new();
-    }
-    // Potentials-based Hungarian (1-indexed arrays with a virtual column 0).
-    let inf = f64::INFINITY;
-    let mut u = vec![0.0; n + 1];
-    let mut v = vec![0.0; n + 1];
-    let mut p = vec![0usize; n + 1]; // p[col] = row matched to col
-    let mut way = vec![0usize; n + 1];
-    for i in 1..=n {
-        p[0] = i;
-        let mut j0 = 0;
-        let mut minv = vec![inf; n + 1];
-        let mut used = vec![false; n + 1];
-        loop {
-            used[j0] = true;
-            let i0 = p[j0];
-            let mut delta = inf;
-            let mut j1 = 0;
-            for j in 1..=n {
-                if !used[j] {
-                    let cur = cost[i0 - 1][j - 1] - u[i0] - v[j];
-                    if cur < minv[j] {
-                        minv[j] = cur;
-                        way[j] = j0;
-                    }
-                    if minv[j] < delta {
-                        delta = minv[j];
-                        j1 = j;
-                    }
-                }
-            }
-            for j in 0..=n {
-                if used[j] {
-                    u[p[j]] += delta;
-                    v[j] -= delta;
-                } else {
-                    minv[j] -= delta;
-                }
-            }
-            j0 = j1;
-            if p[j0] == 0 {
-                break;
-            }
-        }
-        loop {
-            let j1 = way[j0];
-            p[j0] = p[j1];
-            j0 = j1;
-            if j0 == 0 {
-                break;
-            }
-        }
-    }
-    let mut ans = vec![0usize; n];
-    for j in 1..=n {
-        if p[j] > 0 {
-            ans[p[j] - 1] = j - 1;
-        }
-    }
-    ans
+    let flat: Vec<f64> =
+        cost.iter().flat_map(|row| row.iter().copied().chain(std::iter::repeat(0.0)).take(n)).collect();
+    Hungarian::default().solve(&flat, n).to_vec()
 }
 
 #[cfg(test)]
@@ -1101,12 +1043,33 @@ mod equals_reference {
         }
 
         #[test]
-        fn assignment_matches(n in 1usize..9, seed in 0u64..100_000) {
+        fn assignment_is_optimal(n in 1usize..7, seed in 0u64..100_000) {
             let cost: Vec<Vec<f64>> =
-                (0..n).map(|i| (0..n).map(|j| ((i as u64 * 7 + j as u64 * 13 + seed) % 5) as f64).collect()).collect();
-            let flat: Vec<f64> = cost.iter().flatten().copied().collect();
+                (0..n).map(|i| (0..n).map(|j| ((i as u64 * 7 + j as u64 * 13 + seed * (j as u64 + 1)) % 5) as f64).collect()).collect();
+            let a = min_cost_assignment(&cost);
+            // A permutation of the columns.
+            let mut seen = a.clone();
+            seen.sort_unstable();
+            prop_assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            // As cheap as the best of all permutations (brute force).
+            let total = |p: &[usize]| p.iter().enumerate().map(|(i, &j)| cost[i][j]).sum::<f64>();
+            let mut perm: Vec<usize> = (0..n).collect();
+            let mut best = f64::INFINITY;
+            loop {
+                best = best.min(total(&perm));
+                // Next permutation in lexicographic order.
+                let Some(i) = (0..n.saturating_sub(1)).rev().find(|&i| perm[i] < perm[i + 1]) else { break };
+                let j = (i + 1..n).rev().find(|&j| perm[j] > perm[i]).expect("a larger element");
+                perm.swap(i, j);
+                perm[i + 1..].reverse();
+            }
+            prop_assert_eq!(total(&a), best);
+            // Reusing the scratch of an earlier, larger solve gives the same answer.
             let mut h = Hungarian::default();
-            prop_assert_eq!(h.solve(&flat, n).to_vec(), min_cost_assignment(&cost));
+            let big: Vec<f64> = (0..(n + 2) * (n + 2)).map(|k| (k % 7) as f64).collect();
+            h.solve(&big, n + 2);
+            let flat: Vec<f64> = cost.iter().flatten().copied().collect();
+            prop_assert_eq!(h.solve(&flat, n).to_vec(), a);
         }
     }
 }
