@@ -126,26 +126,3 @@ fn a_stalled_worker_times_out_everywhere() {
     );
     assert!(t.elapsed().as_secs_f64() < 30.0);
 }
-
-#[test]
-#[ignore]
-fn debug_diff() {
-    let steps: u64 = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let a = run(&small(4, 2, 0, steps));
-    let b = run(&TrainConfig { slots_per_worker: 8, ..small(1, 8, 0, steps) });
-    for ((n, x), (_, y)) in a.dense.iter().zip(&b.dense) {
-        let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-        let diff = x.iter().zip(y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>().sqrt();
-        println!("{n}: {:.3e}", diff / norm);
-    }
-    for (l, (la, lb)) in a.experts.iter().zip(&b.experts).enumerate() {
-        for (e, (x, y)) in la.iter().zip(lb).enumerate() {
-            let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-            let diff = x.iter().zip(y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>().sqrt();
-            println!("layer {l} expert {e}: {:.3e}", diff / norm);
-        }
-    }
-    for (ma, mb) in a.metrics.iter().zip(&b.metrics) {
-        println!("step {} loss {:.8} {:.8}", ma.step, ma.loss, mb.loss);
-    }
-}

@@ -245,7 +245,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(n) = device_note(&a.device)? {
         eprintln!("{n}");
     }
-    let mut metrics_out = match &a.metrics {
+    // Under MPI only rank 0 writes (the other ranks would truncate the same file).
+    let reports = mode == CommMode::Local || mpi_rank().is_none_or(|r| r == 0);
+    let mut metrics_out = match a.metrics.as_ref().filter(|_| reports) {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("--metrics {}: cannot create the file", p.display()))?,
         )),
@@ -357,7 +359,6 @@ fn train_on_mpi(
 }
 
 /// This process's rank in the MPI job that started it, from the launcher's environment.
-#[cfg(feature = "mpi")]
 fn mpi_rank() -> Option<usize> {
     ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }

@@ -173,17 +173,7 @@ pub fn moe_layer_exact(
     c: &ModelConstants,
     hierarchical: bool,
 ) -> Result<MoeLayerTime, String> {
-    if load.ranks != placement.gpus || gpus.len() != placement.gpus {
-        return Err(format!(
-            "the load matrix has {} source ranks, the placement {} GPUs and the group {} GPUs; they must agree",
-            load.ranks,
-            placement.gpus,
-            gpus.len()
-        ));
-    }
-    if load.experts != placement.experts {
-        return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
-    }
+    // The prepared form checks the shapes against the placement.
     moe_layer_exact_prepared(shape, &PreparedLoad::new(load), placement, gpus, fabric, c, hierarchical)
 }
 

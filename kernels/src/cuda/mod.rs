@@ -18,8 +18,17 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use switchyard_kernels::cuda::{CudaDevice, CudaMoeLayer, Device, DeviceRequest, select};
+//! use switchyard_kernels::{Activation, GateConfig, MoeConfig, MoeLayer, Storage};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let layer: switchyard_kernels::MoeLayer = unimplemented!();
+//! let config = MoeConfig {
+//!     d_model: 64,
+//!     d_ffn: 128,
+//!     experts: 4,
+//!     activation: Activation::Gelu,
+//!     gate: GateConfig::default(),
+//!     storage: Storage::F32,
+//! };
+//! let layer = MoeLayer::random(config, 1)?;
 //! let choice = select(DeviceRequest::Auto)?;
 //! eprintln!("device: {} ({})", choice.device, choice.reason);
 //! if let Device::Cuda(n) = choice.device {
