@@ -69,11 +69,74 @@ fn bad_flags_name_the_fix() {
         // Outside mpirun (and, in the default build, without MPI at all) `--comm mpi` says how to get there.
         (vec!["train", "--comm", "mpi"], "mpirun"),
         (vec!["train", "--text", "/no/such/file.txt", "--steps", "1"], "/no/such/file.txt"),
+        (vec!["train", "--dispatch", "teleport"], "--dispatch"),
+        (vec!["train", "--layers", "3", "--dispatch", "fetch,token"], "--dispatch"),
+        (vec!["train", "--workers", "4", "--workers-per-node", "3"], "--workers-per-node"),
+        (vec!["train", "--workers-per-node", "0"], "--workers-per-node"),
     ] {
         let out = run(&args);
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn data_centric_mode_matches_the_token_mode() {
+    let common = [
+        "train",
+        "--workers",
+        "4",
+        "--experts",
+        "8",
+        "--slots",
+        "3",
+        "--dyn",
+        "3",
+        "--steps",
+        "10",
+        "--d-model",
+        "16",
+        "--d-ffn",
+        "32",
+        "--heads",
+        "2",
+        "--layers",
+        "2",
+        "--ctx",
+        "8",
+        "--batch",
+        "8",
+        "--route-skew",
+        "1.0",
+        "--json",
+        "--quiet",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let summary = |extra: &[&str], metrics: Option<&std::path::Path>| -> serde_json::Value {
+        let mut args: Vec<&str> = common.to_vec();
+        args.extend_from_slice(extra);
+        let m;
+        if let Some(p) = metrics {
+            m = p.to_str().unwrap().to_string();
+            args.extend_from_slice(&["--metrics", &m]);
+        }
+        let out = run(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let token = summary(&[], None);
+    let metrics = dir.path().join("fetch.jsonl");
+    let fetch = summary(&["--dispatch", "fetch,token", "--workers-per-node", "2"], Some(&metrics));
+    let (a, b) = (token["final_loss"].as_f64().unwrap(), fetch["final_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a.abs(), "final loss {a} (token) against {b} (fetch)");
+    assert_eq!(token["switches"], fetch["switches"]);
+    // The first layer fetches experts every step.
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["fetched_bytes"].as_u64().unwrap() > 0, "{l}");
     }
 }

@@ -152,6 +152,8 @@ impl ExpertRuntime {
                 placement: p,
                 slots: slots?,
                 spare: None,
+                dispatch: switchyard_cost::DispatchMode::Token,
+                workers_per_node: comm.size(),
             });
         }
         let switcher = policy.filter(|_| comm.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
@@ -213,6 +215,26 @@ impl ExpertRuntime {
         let l =
             self.layers.get(layer).ok_or_else(|| RuntimeError::invalid("layer", format!("{layer} out of range")))?;
         l.backward(cx, comm, x, &self.saved[layer], d_out, d_x, &mut self.grads[layer])
+    }
+
+    /// Bytes of expert weights that travelled to the tokens in the last forward of the data-centric layers, over
+    /// all workers (the backward sends as many gradient bytes back); 0 when every layer dispatches tokens.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.saved
+            .iter()
+            .zip(&self.layers)
+            .map(|(s, l)| {
+                let p = &l.slots.params;
+                let per: usize = crate::moe::slots::tensor_sizes(p.activation, p.d_model, p.d_ffn).iter().sum();
+                (s.fetched_copies().unwrap_or(0) * per * 4) as u64
+            })
+            .sum()
+    }
+
+    /// This worker's expert gradients of MoE layer `layer` from its last backward (local slots' layout, before the
+    /// replica sum).
+    pub fn expert_grads(&self, layer: usize) -> &switchyard_kernels::ExpertGrads {
+        &self.grads[layer].experts
     }
 
     /// Modelled MoE time (ms, all layers) of one iteration under `loads` and `placements`, as the policy

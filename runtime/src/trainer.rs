@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_cost::cost::moe::MoeLayerShape;
-use switchyard_cost::{ClusterSpec, Placement};
+use switchyard_cost::{ClusterSpec, DispatchMode, Placement};
 use switchyard_kernels::{Activation, CapacityPolicy, Compute, Engine, GateConfig};
 use switchyard_planner::online::{Algorithm, Frequency, LayerContext, PolicyConfig, Predictor};
 
@@ -83,6 +83,14 @@ pub struct TrainConfig {
     pub cluster: Option<ClusterSpec>,
     /// Injected faults (tests).
     pub faults: Faults,
+    /// How each MoE layer meets its tokens: empty (all token all-to-all), one mode for every layer, or one per
+    /// layer ([`DispatchMode::ExpertFetch`]: the data-centric, Janus-style mode).
+    #[serde(default)]
+    pub dispatch: Vec<DispatchMode>,
+    /// Workers per node (consecutive ranks) for the data-centric mode's once-per-node fetch; 0: all workers on
+    /// one node.
+    #[serde(default)]
+    pub workers_per_node: usize,
 }
 
 /// Faults to inject (tests and demonstrations).
@@ -135,6 +143,8 @@ impl Default for TrainConfig {
             timeout_s: 30.0,
             cluster: None,
             faults: Faults::default(),
+            dispatch: Vec::new(),
+            workers_per_node: 0,
         }
     }
 }
@@ -172,6 +182,9 @@ pub struct StepMetrics {
     pub rollbacks: u64,
     /// Bytes moved by migrations so far (all workers).
     pub bytes_moved: u64,
+    /// Bytes of expert weights fetched to the tokens this step by data-centric layers (all workers; their
+    /// gradients travel back as many bytes).
+    pub fetched_bytes: u64,
 }
 
 /// The end of a run.
@@ -217,6 +230,15 @@ pub struct WorkerResult {
 }
 
 impl TrainConfig {
+    /// The dispatch mode of MoE layer `layer`.
+    pub fn dispatch_of(&self, layer: usize) -> DispatchMode {
+        match self.dispatch.as_slice() {
+            [] => DispatchMode::Token,
+            [one] => *one,
+            many => many.get(layer).copied().unwrap_or(DispatchMode::Token),
+        }
+    }
+
     /// Checks the sizes; the error names the flag.
     pub fn validate(&self) -> Result<(), RuntimeError> {
         let bad = |what: &str, reason: String| Err(RuntimeError::invalid(what, reason));
@@ -257,6 +279,22 @@ impl TrainConfig {
             .validate()?;
         if self.d_ffn == 0 {
             return bad("--d-ffn", "must be at least 1".into());
+        }
+        if self.dispatch.len() > 1 && self.dispatch.len() != self.n_layers {
+            return bad(
+                "--dispatch",
+                format!(
+                    "{} modes for {} layers: give one mode for every layer or one per layer",
+                    self.dispatch.len(),
+                    self.n_layers
+                ),
+            );
+        }
+        if self.workers_per_node > 0 && !self.workers.is_multiple_of(self.workers_per_node) {
+            return bad(
+                "--workers-per-node",
+                format!("{} does not divide --workers {}", self.workers_per_node, self.workers),
+            );
         }
         Ok(())
     }
@@ -411,8 +449,10 @@ pub fn worker_main(
     };
     let mut moe = ExpertRuntime::new(comm, shape, vec![start; cfg.n_layers], cfg.seed, adam, policy)?;
     let bias = skew_bias(cfg.experts, cfg.route_skew);
-    for l in moe.layers.iter_mut() {
+    for (i, l) in moe.layers.iter_mut().enumerate() {
         l.expert_bias = bias.clone();
+        l.dispatch = cfg.dispatch_of(i);
+        l.workers_per_node = if cfg.workers_per_node == 0 { w } else { cfg.workers_per_node };
     }
     let mut first_fault = cfg.faults.migration.map(|f| match f {
         FaultSpec::Corrupt(rank) => Fault::CorruptReceived { rank },
@@ -526,6 +566,7 @@ pub fn worker_main(
             switches: moe.switches,
             rollbacks: moe.rollbacks,
             bytes_moved: bytes_all,
+            fetched_bytes: moe.fetched_bytes(),
         };
         if me == 0 {
             on_step(&sm);

@@ -126,3 +126,34 @@ fn a_stalled_worker_times_out_everywhere() {
     );
     assert!(t.elapsed().as_secs_f64() < 30.0);
 }
+
+#[test]
+fn data_centric_mode_trains_the_same_model() {
+    use switchyard_cost::DispatchMode::{ExpertFetch, Token};
+    let steps = 60;
+    // With replicas and re-placement (dyn.5), so that fetches, shares and gradient push-backs meet replicas
+    // and moving experts.
+    let base = run(&small(4, 3, 5, steps));
+    // One node (shares only), two nodes of two (fetch once per node, then share), four nodes (fetch only),
+    // and the modes mixed per layer.
+    for (wpn, dispatch) in
+        [(0, vec![ExpertFetch]), (2, vec![ExpertFetch]), (1, vec![ExpertFetch]), (2, vec![ExpertFetch, Token])]
+    {
+        let cfg = TrainConfig { dispatch: dispatch.clone(), workers_per_node: wpn, ..small(4, 3, 5, steps) };
+        let r = run(&cfg);
+        let d = max_rel_diff(&base, &r);
+        assert!(d < 1e-5, "workers per node {wpn}, {dispatch:?}: differs from the token mode by {d}");
+        assert_eq!(r.summary.switches, base.summary.switches, "the same loads, the same decisions");
+        assert!((r.summary.final_loss - base.summary.final_loss).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn data_centric_mode_with_permutation_only_placement() {
+    use switchyard_cost::DispatchMode::ExpertFetch;
+    let steps = 30;
+    let base = run(&small(4, 2, 0, steps));
+    let r = run(&TrainConfig { dispatch: vec![ExpertFetch], workers_per_node: 2, ..small(4, 2, 1, steps) });
+    let d = max_rel_diff(&base, &r);
+    assert!(d < 1e-5, "differs from the token mode by {d}");
+}

@@ -80,6 +80,15 @@ pub struct TrainArgs {
     /// Skew of the routing (a fixed selection bias making low-numbered experts popular; 0: none).
     #[arg(long, default_value_t = 0.0)]
     route_skew: f32,
+    /// How MoE layers meet their tokens: token (the all-to-all: tokens travel to the experts) or fetch (the
+    /// data-centric, Janus-style mode: the weights of the experts a worker's tokens need travel to it, once
+    /// per node, and their gradients go back); one mode for every layer or a comma-separated list, one per layer.
+    #[arg(long, default_value = "token")]
+    dispatch: String,
+    /// Workers per node (consecutive ranks) for the data-centric mode's once-per-node fetch (default: all
+    /// workers on one node).
+    #[arg(long)]
+    workers_per_node: Option<usize>,
     /// Compute threads per worker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -218,13 +227,29 @@ fn config(a: &TrainArgs, mode: CommMode) -> Result<TrainConfig> {
             None => None,
         },
         faults: switchyard_runtime::trainer::Faults { migration, ..Default::default() },
+        dispatch: parse_dispatch(&a.dispatch)?,
+        workers_per_node: a.workers_per_node.unwrap_or(0),
         ..TrainConfig::default()
     };
+    if a.workers_per_node == Some(0) {
+        bail!("--workers-per-node 0: must be at least 1 (leave it out for one node)");
+    }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(t) = &a.text {
         std::fs::metadata(t).with_context(|| format!("--text {}: cannot read the file", t.display()))?;
     }
     Ok(cfg)
+}
+
+/// `--dispatch`: `token`, `fetch`, or a comma-separated mode per layer.
+fn parse_dispatch(s: &str) -> Result<Vec<switchyard_cost::DispatchMode>> {
+    s.split(',')
+        .map(|m| match m.trim() {
+            "token" | "tokens" | "all-to-all" => Ok(switchyard_cost::DispatchMode::Token),
+            "fetch" | "expert-fetch" | "data-centric" => Ok(switchyard_cost::DispatchMode::ExpertFetch),
+            o => bail!("--dispatch {s}: unknown mode {o:?}; fix: token or fetch, or one per layer (token,fetch)"),
+        })
+        .collect()
 }
 
 fn device_note(device: &str) -> Result<Option<String>> {

@@ -8,7 +8,7 @@
 //! expert computes on exactly the same rows in the same order wherever it is placed, so moving
 //! it does not change a bit of the result.
 
-use switchyard_cost::Placement;
+use switchyard_cost::{DispatchMode, Placement};
 use switchyard_kernels::{
     Compute, DispatchPlan, ExpertCache, ExpertGrads, GateConfig, GateGrads, Routing, combine, combine_backward,
     experts_backward, experts_forward, gather, gather_backward, route, route_backward,
@@ -37,30 +37,43 @@ pub struct DistMoeLayer {
     /// The buffers of the slots before the last migration (or of a rolled-back one), reused by the next
     /// migration so that it writes into memory already touched (double buffering).
     pub spare: Option<SlotStore>,
+    /// Tokens travel to the experts (all-to-all, the default) or experts to the tokens (data-centric,
+    /// [`super::fetch`]).
+    pub dispatch: DispatchMode,
+    /// Workers per node (consecutive ranks): in the data-centric mode an expert is fetched once per node and
+    /// shared inside it.
+    pub workers_per_node: usize,
 }
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Default)]
 pub struct MoeSaved {
-    routing: Routing,
-    plan: DispatchPlan,
+    pub(super) routing: Routing,
+    pub(super) plan: DispatchPlan,
     segments: Vec<Segment>,
     /// Rows this worker sent to each worker, in send order (for the return trip).
     sent_rows: Vec<usize>,
     /// For each source worker: the rows it sent to each local slot.
     recv_counts: Vec<Vec<usize>>,
-    /// Expert input of the local slots, grouped by slot.
-    input: Vec<f32>,
-    offsets: Vec<usize>,
-    cache: ExpertCache,
+    /// Expert input of the local slots, grouped by slot (data-centric: this worker's rows, grouped by expert).
+    pub(super) input: Vec<f32>,
+    pub(super) offsets: Vec<usize>,
+    pub(super) cache: ExpertCache,
     /// Expert output in this worker's grouped (dispatch) order.
-    y: Vec<f32>,
+    pub(super) y: Vec<f32>,
+    /// The data-centric mode's plan and fetched weights.
+    pub(super) fetch: Option<super::fetch::FetchSaved>,
 }
 
 impl MoeSaved {
     /// Routed assignments per logical expert on this worker before capacity (the sampler's counts).
     pub fn demand(&self) -> &[usize] {
         &self.routing.demand
+    }
+
+    /// In the data-centric mode: expert copies that travelled in the last forward, over all workers.
+    pub fn fetched_copies(&self) -> Option<usize> {
+        self.fetch.as_ref().map(|f| f.copies())
     }
 
     /// The router's auxiliary losses (already weighted): load-balancing plus z-loss.
@@ -126,6 +139,10 @@ impl DistMoeLayer {
         out: &mut [f32],
         saved: &mut MoeSaved,
     ) -> Result<(), RuntimeError> {
+        if self.dispatch == DispatchMode::ExpertFetch {
+            return super::fetch::forward(self, cx, comm, x, tokens, out, saved);
+        }
+        saved.fetch = None;
         let d = self.d();
         let (w, spw) = (comm.size(), self.spw());
         route(
@@ -216,6 +233,9 @@ impl DistMoeLayer {
         d_x: &mut [f32],
         grads: &mut MoeLayerGrads,
     ) -> Result<(), RuntimeError> {
+        if saved.fetch.is_some() {
+            return super::fetch::backward(self, cx, comm, x, saved, d_out, d_x, grads);
+        }
         let d = self.d();
         let (w, spw) = (comm.size(), self.spw());
         let mut d_y = Vec::new();

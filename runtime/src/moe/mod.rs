@@ -6,7 +6,9 @@
 //! | [`segments`] | which routed rows go to which replica slot (token shares) |
 //! | [`slots`] | one worker's slots: weights and Adam state, exportable per slot for migration |
 //! | [`layer`] | forward / backward with the all-to-all exchanges; replica gradient sum |
+//! | [`fetch`] | the data-centric (Janus) forward / backward: experts travel to the tokens |
 
+pub mod fetch;
 pub mod layer;
 pub mod segments;
 pub mod slots;

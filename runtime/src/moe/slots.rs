@@ -116,6 +116,15 @@ impl SlotStore {
         }
     }
 
+    /// Appends slot `j`'s four weight tensors (`TENSORS` order) to `out`: the expert as the data-centric mode
+    /// ships it.
+    pub fn slot_weights(&self, j: usize, out: &mut Vec<f32>) {
+        let sizes = self.sizes();
+        for (i, w) in self.weights().iter().enumerate() {
+            out.extend_from_slice(&w[j * sizes[i]..(j + 1) * sizes[i]]);
+        }
+    }
+
     /// The twelve parts of slot `j`'s state in transfer order: the four weights, their first moments,
     /// their second moments (`TENSORS` order in each).
     pub fn slot_parts(&self, j: usize) -> [&[f32]; 12] {
