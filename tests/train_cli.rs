@@ -73,6 +73,9 @@ fn bad_flags_name_the_fix() {
         (vec!["train", "--layers", "3", "--dispatch", "fetch,token"], "--dispatch"),
         (vec!["train", "--workers", "4", "--workers-per-node", "3"], "--workers-per-node"),
         (vec!["train", "--workers-per-node", "0"], "--workers-per-node"),
+        (vec!["train", "--workers", "4", "--edp", "3"], "--edp"),
+        (vec!["train", "--edp", "0"], "--edp"),
+        (vec!["train", "--workers", "4", "--edp", "2", "--slots", "2", "--experts", "8"], "--slots"),
     ] {
         let out = run(&args);
         assert!(!out.status.success(), "{args:?} succeeded");

@@ -83,6 +83,17 @@ pub struct ExpertRuntime {
     pub bytes_moved: u64,
     /// Message buffers kept between migrations.
     pool: Vec<Vec<u8>>,
+    /// Expert-data-parallel groups, when the workers hold more than one copy of the experts.
+    groups: Option<EdpGroups>,
+}
+
+/// The sub-groups of an expert-data-parallel layout: `edp` expert-parallel groups of consecutive ranks, each
+/// holding every expert (the same placement), and the groups of ranks at the same position in each.
+struct EdpGroups {
+    /// This worker's expert-parallel group (placements, token exchange, replicas, migration).
+    ep: Box<dyn Communicator>,
+    /// The workers at this worker's position in every expert-parallel group (expert gradient all-reduce).
+    edp: Box<dyn Communicator>,
 }
 
 /// Seeded initial weights of logical expert `e` of layer `l` (independent of where it is placed).
@@ -98,6 +109,62 @@ impl ExpertRuntime {
     /// seeded weights. `policy` with `contexts` enables re-placement (only worker 0 needs real contexts;
     /// pass `None` for a static run).
     pub fn new(
+        comm: &dyn Communicator,
+        shape: MoeShape,
+        placements: Vec<Placement>,
+        seed: u64,
+        adam: Adam,
+        policy: Option<(PolicyConfig, Vec<LayerContext>)>,
+    ) -> Result<Self, RuntimeError> {
+        Self::build(comm, comm, shape, placements, seed, adam, policy)
+    }
+
+    /// As [`ExpertRuntime::new`] with expert-data parallelism: the `world`'s workers form `edp` expert-parallel
+    /// groups of `world.size() / edp` consecutive ranks; each group holds every expert under the same placements
+    /// (over its own ranks: `placements[l].gpus` is the group size), its tokens go to its own experts, and the
+    /// expert gradients are summed over the groups before the optimizer step. Collective over `world`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_edp(
+        world: &dyn Communicator,
+        edp: usize,
+        shape: MoeShape,
+        placements: Vec<Placement>,
+        seed: u64,
+        adam: Adam,
+        policy: Option<(PolicyConfig, Vec<LayerContext>)>,
+    ) -> Result<Self, RuntimeError> {
+        let w = world.size();
+        if edp == 0 || !w.is_multiple_of(edp) {
+            return Err(RuntimeError::invalid(
+                "expert-data-parallel groups",
+                format!("{edp} groups do not divide {w} workers"),
+            ));
+        }
+        if edp == 1 {
+            return Self::new(world, shape, placements, seed, adam, policy);
+        }
+        let ep_size = w / edp;
+        let me = world.rank();
+        let ep = world.split(me / ep_size, me % ep_size)?;
+        let edp_comm = world.split(me % ep_size, me / ep_size)?;
+        let groups = EdpGroups { ep, edp: edp_comm };
+        let rt = Self::build(world, groups.ep.as_ref(), shape, placements, seed, adam, policy)?;
+        Ok(Self { groups: Some(groups), ..rt })
+    }
+
+    /// The expert-parallel group of this worker: its own group with expert-data parallelism, else `world`.
+    pub fn ep_comm<'a>(&'a self, world: &'a dyn Communicator) -> &'a dyn Communicator {
+        self.groups.as_ref().map_or(world, |g| g.ep.as_ref())
+    }
+
+    /// Number of expert-data-parallel groups (1: every worker holds its own share of one copy of the experts).
+    pub fn edp(&self) -> usize {
+        self.groups.as_ref().map_or(1, |g| g.edp.size())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        world: &dyn Communicator,
         comm: &dyn Communicator,
         shape: MoeShape,
         placements: Vec<Placement>,
@@ -156,7 +223,7 @@ impl ExpertRuntime {
                 workers_per_node: comm.size(),
             });
         }
-        let switcher = policy.filter(|_| comm.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
+        let switcher = policy.filter(|_| world.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
         Ok(Self {
             saved: (0..shape.layers).map(|_| MoeSaved::default()).collect(),
             grads: (0..shape.layers).map(|_| MoeLayerGrads::default()).collect(),
@@ -169,6 +236,7 @@ impl ExpertRuntime {
             rollbacks: 0,
             bytes_moved: 0,
             pool: Vec::new(),
+            groups: None,
         })
     }
 
@@ -179,7 +247,8 @@ impl ExpertRuntime {
         comm: &dyn Communicator,
         placements: &[Placement],
     ) -> Result<MigrationOutcome, RuntimeError> {
-        migrate(comm, &mut self.layers, placements, self.next_fault.take(), &mut self.pool)
+        let ep = self.groups.as_ref().map_or(comm, |g| g.ep.as_ref());
+        migrate(ep, comm, &mut self.layers, placements, self.next_fault.take(), &mut self.pool)
     }
 
     /// The current placements.
@@ -199,7 +268,8 @@ impl ExpertRuntime {
     ) -> Result<(), RuntimeError> {
         let l =
             self.layers.get(layer).ok_or_else(|| RuntimeError::invalid("layer", format!("{layer} out of range")))?;
-        l.forward(cx, comm, x, tokens, out, &mut self.saved[layer])
+        let ep = self.groups.as_ref().map_or(comm, |g| g.ep.as_ref());
+        l.forward(cx, ep, x, tokens, out, &mut self.saved[layer])
     }
 
     /// Backward of MoE layer `layer`: `x` is the forward's input, `d_out` the output gradient; writes `d_x`.
@@ -214,7 +284,8 @@ impl ExpertRuntime {
     ) -> Result<(), RuntimeError> {
         let l =
             self.layers.get(layer).ok_or_else(|| RuntimeError::invalid("layer", format!("{layer} out of range")))?;
-        l.backward(cx, comm, x, &self.saved[layer], d_out, d_x, &mut self.grads[layer])
+        let ep = self.groups.as_ref().map_or(comm, |g| g.ep.as_ref());
+        l.backward(cx, ep, x, &self.saved[layer], d_out, d_x, &mut self.grads[layer])
     }
 
     /// Bytes of expert weights that travelled to the tokens in the last forward of the data-centric layers, over
@@ -289,20 +360,40 @@ impl ExpertRuntime {
             self.adam.step(&mut layer.gate_weight, &flat[at..at + n], &mut self.gate_adam[l])?;
             at += n;
             let mut eg = std::mem::take(&mut self.grads[l].experts);
-            layer.sync_replica_grads(comm, &mut eg)?;
+            let ep = self.groups.as_ref().map_or(comm, |g| g.ep.as_ref());
+            layer.sync_replica_grads(ep, &mut eg)?;
+            if let Some(g) = &self.groups {
+                // Every expert-parallel group trained its copy on its own tokens: sum over the groups (in group
+                // order, the same bits everywhere).
+                let mut all: Vec<f32> =
+                    [&eg.d_w_in, &eg.d_b_in, &eg.d_w_out, &eg.d_b_out].iter().flat_map(|v| v.iter().copied()).collect();
+                g.edp.all_reduce_sum_f32(&mut all)?;
+                let mut at = 0;
+                for v in [&mut eg.d_w_in, &mut eg.d_b_in, &mut eg.d_w_out, &mut eg.d_b_out] {
+                    let n = v.len();
+                    v.copy_from_slice(&all[at..at + n]);
+                    at += n;
+                }
+            }
             layer.slots.adam_step(&self.adam, &eg)?;
             self.grads[l].experts = eg;
         }
 
         // Sampler: unpack the load matrices.
         let ts = Instant::now();
+        // With expert-data parallelism the groups' sources are folded onto their positions in a group (the
+        // placement spans one group): source p's row sums the rows of every group's worker p.
+        let ep_size = w / self.edp();
         for l in 0..nl {
-            let mut counts = Vec::with_capacity(w * e);
+            let mut counts = vec![0u64; ep_size * e];
             for r in 0..w {
                 let base = gate_len + (r * nl + l) * e;
-                counts.extend(flat[base..base + e].iter().map(|&c| c as u64));
+                let row = &mut counts[(r % ep_size) * e..(r % ep_size + 1) * e];
+                for (c, &x) in row.iter_mut().zip(&flat[base..base + e]) {
+                    *c += x as u64;
+                }
             }
-            rep.loads.push(LoadMatrix { ranks: w, experts: e, counts });
+            rep.loads.push(LoadMatrix { ranks: ep_size, experts: e, counts });
         }
         rep.imbalance = rep
             .loads
@@ -342,7 +433,8 @@ impl ExpertRuntime {
         rep.decide_ms = t2.elapsed().as_secs_f64() * 1e3;
         if b.switch {
             let t3 = Instant::now();
-            let out = migrate(comm, &mut self.layers, &b.placements, self.next_fault.take(), &mut self.pool)?;
+            let ep = self.groups.as_ref().map_or(comm, |g| g.ep.as_ref());
+            let out = migrate(ep, comm, &mut self.layers, &b.placements, self.next_fault.take(), &mut self.pool)?;
             rep.switched = out.committed;
             if out.committed {
                 self.switches += 1;
@@ -359,7 +451,11 @@ impl ExpertRuntime {
     /// Checksums of every logical expert's state and every router's state (weights and Adam moments),
     /// in logical order, taken from each expert's first slot. Collective; the same on every worker.
     pub fn checksum(&self, comm: &dyn Communicator, into: &mut Checksum) -> Result<(), RuntimeError> {
-        let me = comm.rank();
+        // With expert-data parallelism the first group's copy stands for all (the gradient sum keeps them equal).
+        let (me, first_group) = match &self.groups {
+            Some(g) => (g.ep.rank(), g.edp.rank() == 0),
+            None => (comm.rank(), true),
+        };
         let mut mine: Vec<u64> = Vec::new(); // (layer, expert, checksum) triples
         let mut buf = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -367,6 +463,7 @@ impl ExpertRuntime {
             for (e, slots) in layer.placement.expert_slots().iter().enumerate() {
                 if let Some(&s) = slots.first()
                     && s / spw == me
+                    && first_group
                 {
                     buf.clear();
                     layer.slots.export_slot(s % spw, &mut buf);
@@ -394,6 +491,8 @@ impl ExpertRuntime {
     /// Every logical expert's weights (four tensors concatenated), per layer, in logical order, on every
     /// worker (collective). For tests and checkpoints.
     pub fn gather_experts(&self, comm: &dyn Communicator) -> Result<Vec<Vec<Vec<f32>>>, RuntimeError> {
+        // With expert-data parallelism: this worker's group's copy.
+        let comm = self.ep_comm(comm);
         let me = comm.rank();
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {

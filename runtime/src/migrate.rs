@@ -80,11 +80,14 @@ fn sources(old: &Placement, new: &Placement) -> Vec<Source> {
 const HEADER_WORDS: usize = 5; // layer, new slot, expert, checksum, length
 
 /// Moves every layer whose placement changes to `new[layer]`; returns this worker's outcome. All
-/// workers must call it with the same `new`. `pool` holds message buffers kept from earlier migrations
+/// workers must call it with the same `new`. The states travel over `comm` (the expert-parallel group); the
+/// commit-or-roll-back vote runs over `vote` (every worker whose placements must stay the same: the world when
+/// several expert-data-parallel groups each move their copy). `pool` holds message buffers kept from earlier migrations
 /// (reused so that no fresh memory is touched; received buffers are returned to it). Errors only when the communicator fails (a peer is dead):
 /// a bad transfer is a rollback, not an error.
 pub fn migrate(
     comm: &dyn Communicator,
+    vote: &dyn Communicator,
     layers: &mut [DistMoeLayer],
     new: &[Placement],
     fault: Option<Fault>,
@@ -239,7 +242,7 @@ pub fn migrate(
     pool.extend(got);
 
     // Vote: commit everywhere or nowhere.
-    let all_ok = comm.all_agree(problem.is_none())?;
+    let all_ok = vote.all_agree(problem.is_none())?;
     if all_ok {
         for (l, store) in built {
             let old = std::mem::replace(&mut layers[l].slots, store);

@@ -91,6 +91,11 @@ pub struct TrainConfig {
     /// one node.
     #[serde(default)]
     pub workers_per_node: usize,
+    /// Expert-data-parallel groups: the workers form this many expert-parallel groups of consecutive ranks,
+    /// each holding every expert (`slots_per_worker` slots per worker over its own group); expert gradients are
+    /// summed over the groups. 0 or 1: one group of all workers.
+    #[serde(default)]
+    pub edp: usize,
 }
 
 /// Faults to inject (tests and demonstrations).
@@ -145,6 +150,7 @@ impl Default for TrainConfig {
             faults: Faults::default(),
             dispatch: Vec::new(),
             workers_per_node: 0,
+            edp: 1,
         }
     }
 }
@@ -248,15 +254,21 @@ impl TrainConfig {
         if self.experts == 0 || self.top_k == 0 || self.top_k > self.experts {
             return bad("--top-k", format!("must be in 1..={} (the expert count), got {}", self.experts, self.top_k));
         }
-        if self.workers * self.slots_per_worker < self.experts {
+        let edp = self.edp.max(1);
+        if !self.workers.is_multiple_of(edp) {
+            return bad("--edp", format!("{edp} groups do not divide --workers {}", self.workers));
+        }
+        let ep = self.workers / edp;
+        if ep * self.slots_per_worker < self.experts {
             return bad(
                 "--slots",
                 format!(
-                    "{} workers x {} slots cannot hold {} experts: use --slots {} or more",
-                    self.workers,
+                    "{} workers{} x {} slots cannot hold {} experts: use --slots {} or more",
+                    ep,
+                    if edp > 1 { format!(" per expert-parallel group (--edp {edp})") } else { String::new() },
                     self.slots_per_worker,
                     self.experts,
-                    self.experts.div_ceil(self.workers)
+                    self.experts.div_ceil(ep)
                 ),
             );
         }
@@ -290,10 +302,13 @@ impl TrainConfig {
                 ),
             );
         }
-        if self.workers_per_node > 0 && !self.workers.is_multiple_of(self.workers_per_node) {
+        if self.workers_per_node > 0 && !ep.is_multiple_of(self.workers_per_node) {
             return bad(
                 "--workers-per-node",
-                format!("{} does not divide --workers {}", self.workers_per_node, self.workers),
+                format!(
+                    "{} does not divide the {ep} workers of an expert-parallel group (--workers {} / --edp {edp})",
+                    self.workers_per_node, self.workers
+                ),
             );
         }
         Ok(())
@@ -412,7 +427,11 @@ pub fn worker_main(
 
     // Placement and policy.
     let shape = cfg.moe_shape();
-    let start = Placement::contiguous(w, cfg.slots_per_worker, cfg.experts)
+    // With expert-data parallelism every expert-parallel group holds the experts under the same placement, over
+    // its own `ep` workers.
+    let edp = cfg.edp.max(1);
+    let ep = w / edp;
+    let start = Placement::contiguous(ep, cfg.slots_per_worker, cfg.experts)
         .map_err(|e| RuntimeError::invalid("initial placement", e.to_string()))?;
     let mut rates = None;
     // Worker 0 prices every step with the performance model (and, unless static, decides).
@@ -439,7 +458,7 @@ pub fn worker_main(
             grad_bytes: 4,
             peak_flops,
         };
-        let ctx = LayerContext::for_cluster(&cluster, layer_shape, w, cfg.slots_per_worker, 1);
+        let ctx = LayerContext::for_cluster(&cluster, layer_shape, ep, cfg.slots_per_worker, 1);
         Some((
             PolicyConfig { algorithm: cfg.algorithm, frequency: cfg.frequency, predictor: cfg.predictor },
             vec![ctx; cfg.n_layers],
@@ -447,12 +466,12 @@ pub fn worker_main(
     } else {
         None
     };
-    let mut moe = ExpertRuntime::new(comm, shape, vec![start; cfg.n_layers], cfg.seed, adam, policy)?;
+    let mut moe = ExpertRuntime::with_edp(comm, edp, shape, vec![start; cfg.n_layers], cfg.seed, adam, policy)?;
     let bias = skew_bias(cfg.experts, cfg.route_skew);
     for (i, l) in moe.layers.iter_mut().enumerate() {
         l.expert_bias = bias.clone();
         l.dispatch = cfg.dispatch_of(i);
-        l.workers_per_node = if cfg.workers_per_node == 0 { w } else { cfg.workers_per_node };
+        l.workers_per_node = if cfg.workers_per_node == 0 { ep } else { cfg.workers_per_node };
     }
     let mut first_fault = cfg.faults.migration.map(|f| match f {
         FaultSpec::Corrupt(rank) => Fault::CorruptReceived { rank },

@@ -157,3 +157,39 @@ fn data_centric_mode_with_permutation_only_placement() {
     let d = max_rel_diff(&base, &r);
     assert!(d < 1e-5, "differs from the token mode by {d}");
 }
+
+#[test]
+fn expert_data_parallel_groups_train_the_same_model() {
+    let steps = 60;
+    let base = run(&small(4, 2, 0, steps));
+    // Two groups of two workers (4 slots each: every expert once per group, re-placed at dyn.5), two groups
+    // with replicas (5 slots), and four groups of one worker (every worker holds every expert).
+    for (edp, slots, dyn_n) in [(2, 4, 5), (2, 5, 5), (4, 8, 0)] {
+        let r = run(&TrainConfig { edp, ..small(4, slots, dyn_n, steps) });
+        let d = max_rel_diff(&base, &r);
+        assert!(d < 1e-5, "edp {edp}, {slots} slots: differs from one expert-parallel group by {d}");
+        assert!((r.summary.final_loss - base.summary.final_loss).abs() < 1e-4);
+    }
+    // With the data-centric mode inside each group.
+    let r = run(&TrainConfig {
+        edp: 2,
+        dispatch: vec![switchyard_cost::DispatchMode::ExpertFetch],
+        workers_per_node: 1,
+        ..small(4, 5, 5, steps)
+    });
+    let d = max_rel_diff(&base, &r);
+    assert!(d < 1e-5, "edp 2 with expert fetch differs by {d}");
+}
+
+#[test]
+fn expert_data_parallel_groups_switch_together() {
+    // Re-placement at every step: all groups take the same decisions and stay identical (the checksum and
+    // the gathered experts come from different groups' copies on different workers).
+    let r = train_local(&TrainConfig { edp: 2, ..small(4, 5, 1, 20) }, &|_| {}).unwrap();
+    assert!(r[0].summary.switches >= 1, "no switch at dyn.1");
+    for w in &r[1..] {
+        assert_eq!(w.summary.param_checksum, r[0].summary.param_checksum);
+        assert_eq!(w.summary.switches, r[0].summary.switches);
+    }
+    assert_eq!(r[0].experts, r[2].experts, "group 0 and group 1 hold different experts");
+}

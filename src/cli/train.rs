@@ -89,6 +89,11 @@ pub struct TrainArgs {
     /// workers on one node).
     #[arg(long)]
     workers_per_node: Option<usize>,
+    /// Expert-data-parallel groups: the workers form this many expert-parallel groups of consecutive ranks, each
+    /// holding every expert (its tokens go to its own group's experts); expert gradients are summed over the
+    /// groups. Must divide the worker count.
+    #[arg(long, default_value_t = 1)]
+    edp: usize,
     /// Compute threads per worker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -204,7 +209,7 @@ fn config(a: &TrainArgs, mode: CommMode) -> Result<TrainConfig> {
         threads_per_worker: a.threads,
         experts: a.experts,
         top_k: a.top_k,
-        slots_per_worker: a.slots.unwrap_or_else(|| a.experts.div_ceil(workers.max(1))),
+        slots_per_worker: a.slots.unwrap_or_else(|| a.experts.div_ceil((workers / a.edp.max(1)).max(1))),
         d_model: a.d_model,
         d_ffn: a.d_ffn,
         n_heads: a.heads,
@@ -229,8 +234,12 @@ fn config(a: &TrainArgs, mode: CommMode) -> Result<TrainConfig> {
         faults: switchyard_runtime::trainer::Faults { migration, ..Default::default() },
         dispatch: parse_dispatch(&a.dispatch)?,
         workers_per_node: a.workers_per_node.unwrap_or(0),
+        edp: a.edp,
         ..TrainConfig::default()
     };
+    if a.edp == 0 {
+        bail!("--edp 0: must be at least 1 (1: one expert-parallel group of all workers)");
+    }
     if a.workers_per_node == Some(0) {
         bail!("--workers-per-node 0: must be at least 1 (leave it out for one node)");
     }
@@ -341,6 +350,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
             cfg.frequency.label(),
             cfg.algorithm.name()
         );
+        if cfg.edp > 1 {
+            println!(
+                "{} expert-parallel groups of {} workers, each holding every expert; expert gradients summed over them",
+                cfg.edp,
+                cfg.workers / cfg.edp
+            );
+        }
+        if cfg.dispatch.contains(&switchyard_cost::DispatchMode::ExpertFetch) {
+            let modes: Vec<&str> = (0..cfg.n_layers)
+                .map(|l| match cfg.dispatch_of(l) {
+                    switchyard_cost::DispatchMode::Token => "token",
+                    switchyard_cost::DispatchMode::ExpertFetch => "fetch",
+                })
+                .collect();
+            println!("MoE layers: {} (fetch: experts travel to the tokens, once per node)", modes.join(", "));
+        }
         println!("loss {:.4} -> {:.4} nats/token", summary.first_loss, summary.final_loss);
         println!(
             "switches {} (rolled back {}), {} bytes moved, mean imbalance {:.3}, {:.1} ms/step, sampler {:.3}% of a step",
