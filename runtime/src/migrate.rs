@@ -3,8 +3,11 @@
 //!
 //! Every new slot takes its expert from this worker's old slots when it already holds the expert
 //! (a local copy, nothing travels); otherwise from one of the old holders (chosen round-robin by
-//! destination so several new replicas of a hot expert do not all load one sender). All transfers
-//! of all layers go in one all-to-all-v. After the exchange every worker votes; only when all
+//! destination so several new replicas of a hot expert do not all load one sender). Workers of one
+//! process (the in-process transport) lend each other their old stores and copy every new slot once,
+//! straight from the store that holds it, checksummed as read and as written; workers in separate
+//! processes (MPI) send all transfers of all layers in one all-to-all-v, checksummed by the sender
+//! and verified by the receiver. After the exchange every worker votes; only when all
 //! received states are intact do all of them switch, so a failure anywhere leaves every worker on
 //! the old placement with its state untouched, and training goes on.
 
@@ -123,6 +126,10 @@ pub fn migrate(
     }
     if let Some(r) = local_problem {
         return Err(RuntimeError::Invalid { what: "migration".into(), reason: r });
+    }
+
+    if let Some(done) = migrate_shared(comm, vote, layers, new, &changed, fault, t0) {
+        return done;
     }
 
     // Pack the states this worker must send straight into the messages, checksumming while copying (one
@@ -261,6 +268,152 @@ pub fn migrate(
     Ok(outcome)
 }
 
+/// The old stores of the changed layers, lent to the other workers of the process during a migration.
+struct Lent {
+    stores: Vec<SlotStore>,
+}
+
+/// The migration between workers of one process ([`Communicator::all_gather_shared`]): each worker lends the
+/// old stores of the changed layers to the others, every new slot is copied once, straight from the store that
+/// holds it (checksummed as read and as written, while in cache), the borrowed stores are handed back, then the
+/// same vote as the message path. `None` where the workers do not share memory (the message path follows).
+fn migrate_shared(
+    comm: &dyn Communicator,
+    vote: &dyn Communicator,
+    layers: &mut [DistMoeLayer],
+    new: &[Placement],
+    changed: &[usize],
+    fault: Option<Fault>,
+    t0: Instant,
+) -> Option<Result<MigrationOutcome, RuntimeError>> {
+    let me = comm.rank();
+    // Lend the old stores (their places hold empty stores until they come back).
+    let mut stores = Vec::with_capacity(changed.len());
+    for &l in changed {
+        let empty = match layers[l].slots.empty_like() {
+            Ok(e) => e,
+            Err(e) => {
+                // Put back what was taken.
+                for (&l, s) in changed.iter().zip(stores) {
+                    layers[l].slots = s;
+                }
+                return Some(Err(e));
+            }
+        };
+        stores.push(std::mem::replace(&mut layers[l].slots, empty));
+    }
+    let mine: std::sync::Arc<Lent> = std::sync::Arc::new(Lent { stores });
+    let shared: crate::comm::Shared = mine.clone();
+    let gathered = match comm.all_gather_shared(shared) {
+        None => {
+            gathered_none_restore(layers, changed, mine);
+            return None;
+        }
+        Some(Err(e)) => {
+            gathered_none_restore(layers, changed, mine);
+            return Some(Err(e.into()));
+        }
+        Some(Ok(g)) => g,
+    };
+    let peers: Vec<Option<std::sync::Arc<Lent>>> = gathered.into_iter().map(|x| x.downcast::<Lent>().ok()).collect();
+    let mut outcome = MigrationOutcome::default();
+    let mut problem: Option<String> = None;
+    if peers.iter().any(|p| p.is_none()) {
+        problem = Some("a peer lent something that is not a slot store".into());
+    }
+    if matches!(fault, Some(Fault::FailAfterExchange { rank }) if rank == me) {
+        problem.get_or_insert("injected failure after the exchange".into());
+    }
+    let mut corrupt = matches!(fault, Some(Fault::CorruptReceived { rank }) if rank == me);
+    let mut built: Vec<(usize, SlotStore)> = Vec::new();
+    if problem.is_none() {
+        for (i, &l) in changed.iter().enumerate() {
+            let (old, n) = (&layers[l].placement, &new[l]);
+            let spw = old.slots_per_gpu;
+            let srcs = sources(old, n);
+            let own = &mine.stores[i];
+            let mut slot_sources = Vec::with_capacity(spw);
+            for j in 0..spw {
+                let s = me * spw + j;
+                slot_sources.push(match srcs[s] {
+                    Source::Local(jj) => SlotSource::Local(jj),
+                    Source::Remote(from) => {
+                        outcome.transfers_in += 1;
+                        outcome.bytes_received += 4 * own.state_len() as u64;
+                        let store = peers[from / spw].as_ref().map(|p| &p.stores[i]).unwrap_or(own);
+                        let c = std::mem::take(&mut corrupt);
+                        SlotSource::Peer { store, slot: from % spw, corrupt: c }
+                    }
+                });
+            }
+            // What the others copy from this worker counts as sent.
+            for (s, src) in srcs.iter().enumerate() {
+                if let Source::Remote(from) = *src
+                    && from / spw == me
+                    && s / spw != me
+                {
+                    outcome.bytes_sent += 4 * own.state_len() as u64;
+                }
+            }
+            let spare = layers[l].spare.take();
+            match own.build(n.gpu_slots(me).to_vec(), &slot_sources, spare) {
+                Ok(store) => built.push((l, store)),
+                Err(e) => {
+                    problem.get_or_insert(format!("layer {l}: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    if corrupt && problem.is_none() {
+        // The faulty worker received nothing to corrupt: it fails the migration instead.
+        problem = Some("injected fault (no received state to corrupt)".into());
+    }
+    // Hand the borrowed stores back before voting: once the vote is over every peer has done so.
+    drop(peers);
+    let all_ok = vote.all_agree(problem.is_none());
+    // Take this worker's stores back (a peer that failed before dropping its share would still hold one:
+    // then copy them out).
+    let lent = std::sync::Arc::try_unwrap(mine).unwrap_or_else(|arc| Lent { stores: arc.stores.clone() });
+    let all_ok = match all_ok {
+        Ok(v) => v,
+        Err(e) => {
+            for (&l, s) in changed.iter().zip(lent.stores) {
+                layers[l].slots = s;
+            }
+            return Some(Err(e.into()));
+        }
+    };
+    if all_ok {
+        for ((l, store), old) in built.into_iter().zip(lent.stores) {
+            layers[l].slots = store;
+            layers[l].spare = Some(old);
+            layers[l].placement = new[l].clone();
+        }
+        // Layers whose build was not reached cannot exist when everyone agreed.
+        outcome.committed = true;
+    } else {
+        for (&l, s) in changed.iter().zip(lent.stores) {
+            layers[l].slots = s;
+        }
+        for (l, store) in built {
+            layers[l].spare = Some(store);
+        }
+        outcome.rollback_reason =
+            Some(problem.unwrap_or_else(|| "another worker could not install its new slots".into()));
+    }
+    outcome.ms = t0.elapsed().as_secs_f64() * 1e3;
+    Some(Ok(outcome))
+}
+
+/// Puts lent stores back into their layers (nothing was shared, or the sharing failed).
+fn gathered_none_restore(layers: &mut [DistMoeLayer], changed: &[usize], mine: std::sync::Arc<Lent>) {
+    let lent = std::sync::Arc::try_unwrap(mine).unwrap_or_else(|arc| Lent { stores: arc.stores.clone() });
+    for (&l, s) in changed.iter().zip(lent.stores) {
+        layers[l].slots = s;
+    }
+}
+
 /// Reads a message's header: where each state lies in it.
 fn index(
     u: usize,
@@ -324,10 +477,77 @@ mod tests {
 
     /// Runs one migration from `from` to `to` on 3 workers; returns (committed, checksum before, after,
     /// slots after) of every worker.
+    /// A communicator that hides the in-process sharing of the one it wraps: migrations take the message
+    /// path (the one MPI ranks take).
+    struct MessagesOnly<'a>(&'a dyn Communicator);
+
+    impl Communicator for MessagesOnly<'_> {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn size(&self) -> usize {
+            self.0.size()
+        }
+        fn timeout(&self) -> Duration {
+            self.0.timeout()
+        }
+        fn transport(&self) -> &'static str {
+            self.0.transport()
+        }
+        fn send(&self, dst: usize, tag: u32, data: &[u8]) -> crate::comm::CommResult<()> {
+            self.0.send(dst, tag, data)
+        }
+        fn recv(&self, src: usize, tag: u32) -> crate::comm::CommResult<Vec<u8>> {
+            self.0.recv(src, tag)
+        }
+        fn all_to_all_v(&self, send: &[&[u8]]) -> crate::comm::CommResult<Vec<Vec<u8>>> {
+            self.0.all_to_all_v(send)
+        }
+        fn all_to_all_v_owned(&self, send: Vec<Vec<u8>>) -> crate::comm::CommResult<Vec<Vec<u8>>> {
+            self.0.all_to_all_v_owned(send)
+        }
+        fn all_gather(&self, data: &[u8]) -> crate::comm::CommResult<Vec<Vec<u8>>> {
+            self.0.all_gather(data)
+        }
+        fn broadcast(&self, root: usize, data: &mut Vec<u8>) -> crate::comm::CommResult<()> {
+            self.0.broadcast(root, data)
+        }
+        fn all_reduce_sum_f32(&self, data: &mut [f32]) -> crate::comm::CommResult<()> {
+            self.0.all_reduce_sum_f32(data)
+        }
+        fn all_reduce_sum_f64(&self, data: &mut [f64]) -> crate::comm::CommResult<()> {
+            self.0.all_reduce_sum_f64(data)
+        }
+        fn barrier(&self) -> crate::comm::CommResult<()> {
+            self.0.barrier()
+        }
+        fn split(&self, color: usize, key: usize) -> crate::comm::CommResult<Box<dyn Communicator>> {
+            self.0.split(color, key)
+        }
+        fn abort(&self, reason: &str) {
+            self.0.abort(reason)
+        }
+    }
+
+    /// One migration on 3 workers, in-process sharing on or off: (committed, checksum before, after, slots
+    /// after, rollback reason) of every worker.
+    type Outcome = (bool, u64, u64, Vec<u32>, Option<String>);
+
     fn migrate_once(from: &Placement, to: &Placement, fault: Option<Fault>) -> Vec<(bool, u64, u64, Vec<u32>)> {
+        let shared = migrate_with(from, to, fault, true);
+        let messages = migrate_with(from, to, fault, false);
+        for (a, b) in shared.iter().zip(&messages) {
+            assert_eq!((a.0, a.1, a.2, &a.3), (b.0, b.1, b.2, &b.3), "the two paths disagree");
+        }
+        shared.into_iter().map(|(c, b, a, s, _)| (c, b, a, s)).collect()
+    }
+
+    fn migrate_with(from: &Placement, to: &Placement, fault: Option<Fault>, share: bool) -> Vec<Outcome> {
         let spw = from.slots_per_gpu;
-        run_local(3, Duration::from_secs(10), |comm| -> Result<_, RuntimeError> {
-            let mut rt = ExpertRuntime::new(&comm, shape(spw), vec![from.clone(); 2], 3, Adam::default(), None)?;
+        run_local(3, Duration::from_secs(10), |local| -> Result<_, RuntimeError> {
+            let wrapped = MessagesOnly(&local);
+            let comm: &dyn Communicator = if share { &local } else { &wrapped };
+            let mut rt = ExpertRuntime::new(comm, shape(spw), vec![from.clone(); 2], 3, Adam::default(), None)?;
             // Non-trivial moments, different per expert.
             for l in rt.layers.iter_mut() {
                 for (j, &e) in l.slots.experts.clone().iter().enumerate() {
@@ -339,11 +559,11 @@ mod tests {
                     }
                 }
             }
-            let before = sum(&rt, &comm);
+            let before = sum(&rt, comm);
             rt.next_fault = fault;
-            let out = rt.migrate_to(&comm, &[to.clone(), to.clone()])?;
-            let after = sum(&rt, &comm);
-            Ok((out.committed, before, after, rt.layers[0].slots.experts.clone()))
+            let out = rt.migrate_to(comm, &[to.clone(), to.clone()])?;
+            let after = sum(&rt, comm);
+            Ok((out.committed, before, after, rt.layers[0].slots.experts.clone(), out.rollback_reason))
         })
         .into_iter()
         .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
@@ -387,6 +607,12 @@ mod tests {
                 assert_eq!(before, after, "{fault:?}: worker {rank} lost state");
                 assert_eq!(slots.as_slice(), from.gpu_slots(rank), "{fault:?}: worker {rank} moved");
             }
+        }
+        // The corrupted bit is caught by the checksum on both paths.
+        for share in [true, false] {
+            let out = migrate_with(&from, &to, Some(Fault::CorruptReceived { rank: 1 }), share);
+            let reason = out[1].4.clone().unwrap_or_default();
+            assert!(reason.contains("checksum mismatch"), "shared {share}: {reason}");
         }
     }
 }

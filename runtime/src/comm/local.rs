@@ -58,10 +58,19 @@ struct Key {
     tag: u64,
 }
 
+/// A message: bytes, or (between ranks of one process) a shared object handed over without a copy.
+enum Msg {
+    Bytes(Vec<u8>),
+    Shared(super::Shared),
+}
+
+/// The internal tag of [`Communicator::all_gather_shared`].
+const SHARED_TAG: u64 = INTERNAL_TAG_BASE + 1000;
+
 /// The mailbox of one world rank.
 #[derive(Default)]
 struct Inbox {
-    queues: Mutex<HashMap<Key, VecDeque<Vec<u8>>>>,
+    queues: Mutex<HashMap<Key, VecDeque<Msg>>>,
     ready: Condvar,
 }
 
@@ -305,6 +314,11 @@ impl LocalComm {
 
     /// Queues `data` for group rank `dst` under `tag` (a user tag or an internal one).
     fn post(&self, op: &'static str, dst: usize, tag: u64, data: Vec<u8>) -> CommResult<()> {
+        self.post_msg(op, dst, tag, Msg::Bytes(data))
+    }
+
+    /// Queues a message of either kind.
+    fn post_msg(&self, op: &'static str, dst: usize, tag: u64, data: Msg) -> CommResult<()> {
         self.check_rank(op, "destination", dst)?;
         if let Some(e) = self.down_error(op, None) {
             return Err(e);
@@ -318,6 +332,14 @@ impl LocalComm {
 
     /// Takes the next message from group rank `src` under `tag`, waiting until `deadline`.
     fn take(&self, op: &'static str, src: usize, tag: u64, deadline: Option<Instant>) -> CommResult<Vec<u8>> {
+        match self.take_msg(op, src, tag, deadline)? {
+            Msg::Bytes(b) => Ok(b),
+            Msg::Shared(_) => Err(self.invalid(op, format!("rank {src} sent a shared object, not bytes"))),
+        }
+    }
+
+    /// Takes the next message of either kind.
+    fn take_msg(&self, op: &'static str, src: usize, tag: u64, deadline: Option<Instant>) -> CommResult<Msg> {
         self.check_rank(op, "source", src)?;
         let src_world = self.members[src];
         let key = Key { ctx: self.ctx, src: src_world, tag };
@@ -433,6 +455,28 @@ impl Communicator for LocalComm {
 
     fn split(&self, color: usize, key: usize) -> CommResult<Box<dyn Communicator>> {
         Ok(Box::new(self.split_local(color, key)?))
+    }
+
+    fn all_gather_shared(&self, item: super::Shared) -> Option<CommResult<Vec<super::Shared>>> {
+        const OP: &str = "all_gather_shared";
+        let run = || -> CommResult<Vec<super::Shared>> {
+            let deadline = deadline_after(self.timeout);
+            for dst in (0..self.size()).filter(|&r| r != self.rank) {
+                self.post_msg(OP, dst, SHARED_TAG, Msg::Shared(Arc::clone(&item)))?;
+            }
+            (0..self.size())
+                .map(|src| {
+                    if src == self.rank {
+                        return Ok(Arc::clone(&item));
+                    }
+                    match self.take_msg(OP, src, SHARED_TAG, deadline)? {
+                        Msg::Shared(x) => Ok(x),
+                        Msg::Bytes(_) => Err(self.invalid(OP, format!("rank {src} sent bytes, not a shared object"))),
+                    }
+                })
+                .collect()
+        };
+        Some(run())
     }
 
     fn abort(&self, reason: &str) {

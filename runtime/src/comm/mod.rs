@@ -74,6 +74,9 @@ pub enum CommError {
 /// Result of a collective.
 pub type CommResult<T> = std::result::Result<T, CommError>;
 
+/// An object shared between the ranks of one process ([`Communicator::all_gather_shared`]).
+pub type Shared = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
 /// A group of ranks that exchange bytes. All ranks of the group must call the same collectives in
 /// the same order (as with MPI). Point-to-point messages are matched by (source, tag) in order.
 pub trait Communicator: Send + Sync {
@@ -115,6 +118,14 @@ pub trait Communicator: Send + Sync {
     /// Collective: splits the group by `color`; ranks with the same color form a sub-group, ordered
     /// by `(key, rank)`. Every rank of this group must call it.
     fn split(&self, color: usize, key: usize) -> CommResult<Box<dyn Communicator>>;
+
+    /// Ranks that share one address space (the in-process transport) hand objects over without copying them:
+    /// every rank's `item` reaches every rank, in rank order (an all-gather of shared references). `None` where
+    /// the ranks are separate processes (MPI): callers then send bytes. Collective where it is `Some`.
+    fn all_gather_shared(&self, item: Shared) -> Option<CommResult<Vec<Shared>>> {
+        let _ = item;
+        None
+    }
 
     /// Marks this rank failed with a reason, so that peers blocked on it (now or later) get
     /// [`CommError::PeerFailed`] instead of waiting for the timeout, where the transport allows.

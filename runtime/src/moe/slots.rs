@@ -17,6 +17,17 @@ const CHUNK: usize = 4096;
 pub enum SlotSource<'a> {
     /// This worker's old slot.
     Local(usize),
+    /// Slot `slot` of another worker's store in the same process, copied straight from it: each chunk is
+    /// checksummed as read from the source and again as written to the destination (both while in cache),
+    /// and the two must agree.
+    Peer {
+        /// The other worker's (old) store.
+        store: &'a SlotStore,
+        /// Its slot.
+        slot: usize,
+        /// Fault injection (tests): flip one bit of the first chunk after copying it.
+        corrupt: bool,
+    },
     /// Bytes transferred from another worker ([`SlotStore::append_slot_bytes`] layout) and their checksum.
     Bytes {
         /// The state.
@@ -76,6 +87,24 @@ impl SlotStore {
         let params =
             ExpertParams::new(activation, experts.len(), d_model, d_ffn, w_in, b_in, w_out, b_out, Storage::F32)?;
         Ok(Self { experts, params, adam })
+    }
+
+    /// A store of no slots with this one's shapes and step counts (holds a layer's place while its store is
+    /// lent out during a migration).
+    pub fn empty_like(&self) -> Result<Self, RuntimeError> {
+        let p = &self.params;
+        let params = ExpertParams::new(
+            p.activation,
+            0,
+            p.d_model,
+            p.d_ffn,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Storage::F32,
+        )?;
+        Ok(Self { experts: Vec::new(), params, adam: self.adam.clone_steps() })
     }
 
     /// Number of local slots.
@@ -194,6 +223,34 @@ impl SlotStore {
                     }
                     for (b, part) in bufs.iter_mut().zip(self.slot_parts(jj)) {
                         b.extend_from_slice(part);
+                    }
+                }
+                SlotSource::Peer { store, slot, corrupt } => {
+                    if slot >= store.len() || store.sizes() != sizes {
+                        return Err(RuntimeError::invalid(
+                            "new slots",
+                            format!("slot {j} copies slot {slot} of a peer store of {} slots", store.len()),
+                        ));
+                    }
+                    let (mut read, mut written) = (ByteChecksum::new(), ByteChecksum::new());
+                    let mut flip = corrupt;
+                    for (b, part) in bufs.iter_mut().zip(store.slot_parts(slot)) {
+                        for chunk in part.chunks(CHUNK) {
+                            let at = b.len();
+                            b.extend_from_slice(chunk);
+                            if flip && !chunk.is_empty() {
+                                b[at] = f32::from_bits(b[at].to_bits() ^ 1);
+                                flip = false;
+                            }
+                            read.update(bytemuck::cast_slice(chunk));
+                            written.update(bytemuck::cast_slice(&b[at..]));
+                        }
+                    }
+                    if read.finish() != written.finish() {
+                        return Err(RuntimeError::invalid(
+                            "transferred state",
+                            format!("slot {j} (expert {}): checksum mismatch", experts[j]),
+                        ));
                     }
                 }
                 SlotSource::Bytes { bytes, checksum } => {
