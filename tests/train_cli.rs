@@ -143,3 +143,60 @@ fn data_centric_mode_matches_the_token_mode() {
         assert!(v["fetched_bytes"].as_u64().unwrap() > 0, "{l}");
     }
 }
+
+/// Whether this machine can run the GPU path (driver, device, NVRTC, cuBLAS).
+fn gpu_usable() -> bool {
+    switchyard_kernels::cuda::probe().check(0).is_ok()
+}
+
+#[test]
+fn device_cuda_trains_on_the_gpu_or_names_what_is_missing() {
+    let small = [
+        "train",
+        "--workers",
+        "2",
+        "--experts",
+        "4",
+        "--steps",
+        "3",
+        "--d-model",
+        "16",
+        "--d-ffn",
+        "32",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--ctx",
+        "8",
+        "--batch",
+        "4",
+        "--json",
+        "--quiet",
+    ];
+    let with = |device: &str| {
+        let mut args = small.to_vec();
+        args.extend(["--device", device]);
+        run(&args)
+    };
+    let cuda = with("cuda");
+    let auto = with("auto");
+    let err = String::from_utf8_lossy(&cuda.stderr);
+    let summary = |o: &Output| -> serde_json::Value {
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")).unwrap()
+    };
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    if gpu_usable() {
+        assert!(cuda.status.success(), "{err}");
+        assert_eq!(summary(&cuda)["device"], "cuda:0");
+        assert_eq!(summary(&auto)["device"], "cuda:0");
+    } else {
+        eprintln!("no usable GPU here: checking the messages of --device cuda and auto instead of a GPU run");
+        assert!(!cuda.status.success(), "--device cuda succeeded without a GPU");
+        assert!(err.contains("--device cuda") && (err.contains("fix") || err.contains("--device cpu")), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(summary(&auto)["device"], "cpu");
+        let note = String::from_utf8_lossy(&auto.stderr);
+        assert!(note.contains("--device auto: no usable GPU"), "{note}");
+    }
+}

@@ -34,6 +34,14 @@ pub enum RuntimeError {
         /// Why, with the offending value and, where there is one, the fix.
         reason: String,
     },
+    /// The GPU (CUDA driver, NVRTC, cuBLAS) failed or is missing.
+    #[error("GPU, {step}: {reason}")]
+    Device {
+        /// What was being done.
+        step: &'static str,
+        /// The CUDA layer's message (what is missing and the fix, where it knows).
+        reason: String,
+    },
     /// A file could not be read (or is not what it must be).
     #[error("cannot use {}: {source}", path.display())]
     Io {

@@ -221,6 +221,7 @@ impl ExpertRuntime {
                 spare: None,
                 dispatch: switchyard_cost::DispatchMode::Token,
                 workers_per_node: comm.size(),
+                device: crate::moe::ExpertDevice::Cpu,
             });
         }
         let switcher = policy.filter(|_| world.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
@@ -254,6 +255,19 @@ impl ExpertRuntime {
     /// The current placements.
     pub fn placements(&self) -> Vec<Placement> {
         self.layers.iter().map(|l| l.placement.clone()).collect()
+    }
+
+    /// Runs the local experts' FFNs of every layer on `device` from now on (the CPU by default). The weights and
+    /// optimizer state stay on the host, so placements, migrations and checksums are unchanged.
+    pub fn set_device(&mut self, device: crate::moe::ExpertDevice) {
+        for l in &mut self.layers {
+            l.device = device.clone();
+        }
+    }
+
+    /// Where the local experts' FFNs run.
+    pub fn device(&self) -> crate::moe::ExpertDevice {
+        self.layers.first().map(|l| l.device.clone()).unwrap_or_default()
     }
 
     /// Forward of MoE layer `layer` on this worker's `tokens` rows of `x` into `out`.

@@ -96,6 +96,21 @@ pub struct TrainConfig {
     /// summed over the groups. 0 or 1: one group of all workers.
     #[serde(default)]
     pub edp: usize,
+    /// Where the expert FFNs run ([`TrainDevice`]); the CPU by default.
+    #[serde(default)]
+    pub device: TrainDevice,
+}
+
+/// Where a training run's expert FFNs run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainDevice {
+    /// The CPU kernels (the embedded default).
+    #[default]
+    Cpu,
+    /// CUDA GPUs: worker `r` uses GPU `r mod (GPUs on the machine)` for its experts' GEMMs (cuBLAS) and
+    /// activations (NVRTC kernels); the dense model, routing, the token exchange, Adam and migration stay on
+    /// the host ([`crate::moe::exec`]). An error naming what is missing when no GPU can be used.
+    Cuda,
 }
 
 /// Faults to inject (tests and demonstrations).
@@ -151,6 +166,7 @@ impl Default for TrainConfig {
             dispatch: Vec::new(),
             workers_per_node: 0,
             edp: 1,
+            device: TrainDevice::Cpu,
         }
     }
 }
@@ -220,6 +236,8 @@ pub struct TrainSummary {
     pub sampler_fraction: f64,
     /// The rates the policy priced placements with.
     pub rates: Option<LocalRates>,
+    /// Where this worker's expert FFNs ran (`cpu` or `cuda:N`).
+    pub device: String,
 }
 
 /// The final state of one worker (for tests: compare runs).
@@ -396,6 +414,31 @@ pub fn train_mpi(
     }
 }
 
+/// The device of worker `rank`'s experts: with CUDA, GPU `rank mod count`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn expert_device(device: TrainDevice, rank: usize) -> Result<crate::moe::ExpertDevice, RuntimeError> {
+    match device {
+        TrainDevice::Cpu => Ok(crate::moe::ExpertDevice::Cpu),
+        #[cfg(feature = "cuda")]
+        TrainDevice::Cuda => {
+            let probe = switchyard_kernels::cuda::probe();
+            let n = probe.device_count();
+            if n == 0 {
+                // The probe's own message names what is missing (driver, device) and the fix.
+                probe
+                    .check(0)
+                    .map_err(|e| RuntimeError::Device { step: "choosing the GPU", reason: e.to_string() })?;
+            }
+            crate::moe::ExpertDevice::open_cuda(rank % n.max(1))
+        }
+        #[cfg(not(feature = "cuda"))]
+        TrainDevice::Cuda => Err(RuntimeError::Device {
+            step: "choosing the GPU",
+            reason: "this build has no GPU path (built without the `cuda` feature); fix: rebuild with default features or use --device cpu".into(),
+        }),
+    }
+}
+
 fn skew_bias(experts: usize, skew: f32) -> Option<Vec<f32>> {
     (skew > 0.0).then(|| (0..experts).map(|e| -skew * ((e + 1) as f32).ln()).collect())
 }
@@ -473,6 +516,7 @@ pub fn worker_main(
         l.dispatch = cfg.dispatch_of(i);
         l.workers_per_node = if cfg.workers_per_node == 0 { ep } else { cfg.workers_per_node };
     }
+    moe.set_device(expert_device(cfg.device, me)?);
     let mut first_fault = cfg.faults.migration.map(|f| match f {
         FaultSpec::Corrupt(rank) => Fault::CorruptReceived { rank },
         FaultSpec::Fail(rank) => Fault::FailAfterExchange { rank },
@@ -617,6 +661,7 @@ pub fn worker_main(
         mean_imbalance: metrics.iter().map(|m| m.imbalance).sum::<f64>() / n,
         sampler_fraction: metrics.iter().map(|m| m.sampler_ms).sum::<f64>() / n / mean_step_ms.max(1e-12),
         rates,
+        device: moe.device().label(),
     };
     Ok(WorkerResult {
         summary,

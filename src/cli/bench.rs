@@ -58,6 +58,10 @@ pub struct KernelsBenchArgs {
     /// Python with torch installed (kernels/bench/setup_torch_venv.sh makes one): runs PyTorch in the same run.
     #[arg(long)]
     torch_python: Option<std::path::PathBuf>,
+    /// Device: cpu, cuda (cuda:N) or auto (the GPU when one can be used, else the CPU, and says so). On a GPU
+    /// the layer runs the CUDA kernels and cuBLAS, against one cuBLAS GEMM of the same FLOPs.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print JSON (with `fwd_bwd_ratio_to_gemm`).
     #[arg(long)]
     json: bool,
@@ -413,6 +417,49 @@ fn kernels(a: KernelsBenchArgs) -> Result<()> {
         torch_python: a.torch_python.clone(),
         ..KernelBenchConfig::default()
     };
+    use switchyard_kernels::cuda::{Device, DeviceRequest, select};
+    let request: DeviceRequest = a.device.parse().map_err(|e: String| anyhow::anyhow!("--device {}: {e}", a.device))?;
+    let choice = select(request).map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
+    if let Device::Cuda(n) = choice.device {
+        if a.torch_python.is_some() {
+            anyhow::bail!(
+                "--torch-python: the PyTorch comparison runs on the CPU only; fix: drop it or use --device cpu"
+            );
+        }
+        let r = switchyard_kernels::cuda::run_cuda_bench_on(&cfg, n)
+            .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "MoE layer on {} (sm {}.{}), {} tokens, d {}, h {}, {} experts, top-{}, capacity factor {} ({} routed, {} dropped):",
+            r.device,
+            r.compute_capability.0,
+            r.compute_capability.1,
+            a.tokens,
+            a.d_model,
+            a.d_ffn,
+            a.experts,
+            a.top_k,
+            a.capacity_factor,
+            r.routed_tokens,
+            r.dropped_tokens
+        );
+        println!(
+            "  forward {:.3} ms ({:.0} GFLOP/s in expert GEMMs, {:.2}x a plain cuBLAS GEMM's rate)",
+            r.forward_ms, r.expert_gemm_gflops_forward, r.fwd_ratio_to_gemm
+        );
+        println!(
+            "  forward+backward {:.3} ms ({:.0} GFLOP/s, {:.2}x the plain cuBLAS GEMM's {:.0} GFLOP/s, FP32)",
+            r.fwd_bwd_ms, r.expert_gemm_gflops_fwd_bwd, r.fwd_bwd_ratio_to_gemm, r.plain_gemm_gflops
+        );
+        return Ok(());
+    }
+    if request == DeviceRequest::Auto {
+        let why = choice.reason.trim_start_matches("running on the CPU: ");
+        eprintln!("--device auto: no usable GPU, measuring the CPU ({why})");
+    }
     let r = run_kernel_bench(&cfg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

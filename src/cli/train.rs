@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use switchyard_kernels::{Activation, CapacityPolicy};
 use switchyard_planner::online::{Algorithm, Frequency};
-use switchyard_runtime::trainer::{FaultSpec, StepMetrics, TrainConfig, TrainSummary};
+use switchyard_runtime::trainer::{FaultSpec, StepMetrics, TrainConfig, TrainDevice, TrainSummary};
 
 use super::progress::LazyProgress;
 use super::simulate::parse_predictor;
@@ -261,22 +261,44 @@ fn parse_dispatch(s: &str) -> Result<Vec<switchyard_cost::DispatchMode>> {
         .collect()
 }
 
-fn device_note(device: &str) -> Result<Option<String>> {
-    match device {
-        "cpu" => Ok(None),
-        "auto" => Ok(Some("--device auto: training runs on CPU workers (the trainer has no GPU path yet)".into())),
-        "cuda" => bail!(
-            "--device cuda: the trainer has no GPU path yet (the CUDA kernels are tested on their own); fix: --device cpu or auto"
+/// `--device`: where the expert FFNs run, and the line to print when `auto` chose (or fell back).
+fn train_device(device: &str) -> Result<(TrainDevice, Option<String>)> {
+    use switchyard_kernels::cuda::{Device, DeviceRequest, select};
+    let request: DeviceRequest = device.parse().map_err(|e: String| anyhow::anyhow!("--device {device}: {e}"))?;
+    match request {
+        DeviceRequest::Cuda(n) if n > 0 => bail!(
+            "--device {device}: the trainer picks each worker's GPU itself (worker r uses GPU r mod count); fix: --device cuda"
         ),
-        o => bail!("--device {o}: unknown; fix: cpu, cuda or auto"),
+        _ => {}
     }
+    let auto = request == DeviceRequest::Auto;
+    let choice = select(request).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+    Ok(match choice.device {
+        Device::Cpu if auto => (
+            TrainDevice::Cpu,
+            Some(format!(
+                "--device auto: no usable GPU, the experts run on the CPU ({})",
+                choice.reason.trim_start_matches("running on the CPU: ")
+            )),
+        ),
+        Device::Cpu => (TrainDevice::Cpu, None),
+        Device::Cuda(_) => (
+            TrainDevice::Cuda,
+            Some(format!(
+                "--device {device}: the expert FFNs run on the GPU ({}; worker r on GPU r mod count); the dense model, routing and Adam on the CPU",
+                choice.reason
+            )),
+        ),
+    })
 }
 
 /// Runs `switchyard train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let mode = comm_mode(&a.comm)?;
-    let cfg = config(&a, mode)?;
-    if let Some(n) = device_note(&a.device)? {
+    let mut cfg = config(&a, mode)?;
+    let (device, note) = train_device(&a.device)?;
+    cfg.device = device;
+    if let Some(n) = note.filter(|_| mode == CommMode::Local || mpi_rank().is_none_or(|r| r == 0)) {
         eprintln!("{n}");
     }
     // Under MPI only rank 0 writes (the other ranks would truncate the same file).
@@ -365,6 +387,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 })
                 .collect();
             println!("MoE layers: {} (fetch: experts travel to the tokens, once per node)", modes.join(", "));
+        }
+        if summary.device != "cpu" {
+            println!("expert FFNs on {} (worker 0; worker r on GPU r mod count)", summary.device);
         }
         println!("loss {:.4} -> {:.4} nats/token", summary.first_loss, summary.final_loss);
         println!(

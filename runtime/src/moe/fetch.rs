@@ -18,10 +18,11 @@
 
 use switchyard_cost::Placement;
 use switchyard_kernels::{
-    Compute, ExpertGrads, ExpertParams, Storage, combine, combine_backward, experts_backward, experts_forward, gather,
-    gather_backward, route, route_backward,
+    Compute, ExpertGrads, ExpertParams, Storage, combine, combine_backward, gather, gather_backward, route,
+    route_backward,
 };
 
+use super::exec::{experts_backward, experts_forward};
 use super::layer::{DistMoeLayer, MoeLayerGrads, MoeSaved};
 use super::slots::tensor_sizes;
 use crate::comm::{CommExt, Communicator};
@@ -247,7 +248,7 @@ pub(super) fn forward(
     saved.offsets.extend(need.iter().map(|&e| offsets[e as usize]));
     saved.offsets.push(offsets[e_n]);
     let mut y = std::mem::take(&mut saved.y);
-    experts_forward(cx, &params, &saved.input, &saved.offsets, &mut saved.cache, &mut y)?;
+    experts_forward(&layer.device, cx, &params, &saved.input, &saved.offsets, &mut saved.run, &mut y)?;
     combine(&saved.plan, &saved.routing.weight, &y, d, out)?;
     saved.y = y;
     saved.fetch = Some(FetchSaved { plan, need, params: Some(params) });
@@ -282,7 +283,7 @@ pub(super) fn backward(
     combine_backward(&saved.plan, &saved.routing.weight, &saved.y, d, d_out, &mut d_y, &mut d_weight)?;
     let mut g = ExpertGrads::default();
     let mut d_in = Vec::new();
-    experts_backward(cx, params, &saved.input, &saved.cache, &d_y, &mut g, &mut d_in)?;
+    experts_backward(cx, params, &saved.input, &saved.run, &d_y, &mut g, &mut d_in)?;
     gather_backward(&saved.plan, &d_in, d, d_x, false)?;
     route_backward(cx, &layer.gate, &saved.routing, x, d, &layer.gate_weight, &d_weight, &mut grads.gate, d_x)?;
 

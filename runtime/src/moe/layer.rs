@@ -10,9 +10,11 @@
 
 use switchyard_cost::{DispatchMode, Placement};
 use switchyard_kernels::{
-    Compute, DispatchPlan, ExpertCache, ExpertGrads, GateConfig, GateGrads, Routing, combine, combine_backward,
-    experts_backward, experts_forward, gather, gather_backward, route, route_backward,
+    Compute, DispatchPlan, ExpertGrads, GateConfig, GateGrads, Routing, combine, combine_backward, gather,
+    gather_backward, route, route_backward,
 };
+
+use super::exec::{ExpertDevice, ExpertRun, experts_backward, experts_forward};
 
 use super::segments::{Segment, split_rows};
 use super::slots::SlotStore;
@@ -43,6 +45,8 @@ pub struct DistMoeLayer {
     /// Workers per node (consecutive ranks): in the data-centric mode an expert is fetched once per node and
     /// shared inside it.
     pub workers_per_node: usize,
+    /// Where the local experts' FFNs run ([`super::exec`]).
+    pub device: ExpertDevice,
 }
 
 /// What the forward keeps for the backward.
@@ -58,7 +62,8 @@ pub struct MoeSaved {
     /// Expert input of the local slots, grouped by slot (data-centric: this worker's rows, grouped by expert).
     pub(super) input: Vec<f32>,
     pub(super) offsets: Vec<usize>,
-    pub(super) cache: ExpertCache,
+    /// What the local experts' forward kept for their backward (on the CPU or the GPU).
+    pub(super) run: ExpertRun,
     /// Expert output in this worker's grouped (dispatch) order.
     pub(super) y: Vec<f32>,
     /// The data-centric mode's plan and fetched weights.
@@ -187,7 +192,15 @@ impl DistMoeLayer {
             saved.offsets.push(saved.input.len() / d);
         }
         let mut y_local = Vec::new();
-        experts_forward(cx, &self.slots.params, &saved.input, &saved.offsets, &mut saved.cache, &mut y_local)?;
+        experts_forward(
+            &self.device,
+            cx,
+            &self.slots.params,
+            &saved.input,
+            &saved.offsets,
+            &mut saved.run,
+            &mut y_local,
+        )?;
 
         // Return trip: rows go back to their sources in the order they came.
         let back = self.return_pack(&saved.recv_counts, &saved.offsets, &y_local, d, w);
@@ -267,7 +280,7 @@ impl DistMoeLayer {
             cx,
             &self.slots.params,
             &saved.input,
-            &saved.cache,
+            &saved.run,
             &d_local,
             &mut grads.experts,
             &mut d_in_local,
