@@ -34,6 +34,10 @@ pub enum RuntimeError {
         /// Why, with the offending value and, where there is one, the fix.
         reason: String,
     },
+    /// The GPU path failed (a missing driver or library, a CUDA or cuBLAS error).
+    #[cfg(feature = "cuda")]
+    #[error("cuda: {0}")]
+    Cuda(#[from] switchyard_kernels::cuda::CudaError),
     /// A file could not be read (or is not what it must be).
     #[error("cannot use {}: {source}", path.display())]
     Io {

@@ -82,7 +82,11 @@ pub fn id_via_file(cfg: &RendezvousConfig, timeout: Duration) -> CommResult<Nccl
     NcclId::from_bytes(&bytes).ok_or_else(|| CommError::Transport {
         rank: cfg.rank,
         op,
-        reason: format!("the rendezvous file {} holds {} bytes, not an NCCL id of {ID_BYTES}", cfg.id_path().display(), bytes.len()),
+        reason: format!(
+            "the rendezvous file {} holds {} bytes, not an NCCL id of {ID_BYTES}",
+            cfg.id_path().display(),
+            bytes.len()
+        ),
     })
 }
 
@@ -108,11 +112,9 @@ pub const LOCAL_RANK_VARS: [&str; 4] =
 pub fn local_rank_from_env(env: impl Fn(&str) -> Option<String>) -> Result<Option<usize>, String> {
     for var in LOCAL_RANK_VARS {
         if let Some(v) = env(var).filter(|v| !v.trim().is_empty()) {
-            return v
-                .trim()
-                .parse::<usize>()
-                .map(Some)
-                .map_err(|_| format!("{var}={v:?} is not a non-negative integer; fix: unset it or set the node-local rank"));
+            return v.trim().parse::<usize>().map(Some).map_err(|_| {
+                format!("{var}={v:?} is not a non-negative integer; fix: unset it or set the node-local rank")
+            });
         }
     }
     Ok(None)

@@ -98,12 +98,16 @@ pub fn all_to_all_plan(rank: usize, n: usize, matrix: &[u64]) -> Result<(Layout,
         return Err(format!("the size matrix has {} entries, expected {n} x {n}", matrix.len()));
     }
     let to_usize = |v: u64, i: usize, j: usize| {
-        usize::try_from(v).map_err(|_| format!("rank {i} sends {v} bytes to rank {j}: more than this machine can address"))
+        usize::try_from(v)
+            .map_err(|_| format!("rank {i} sends {v} bytes to rank {j}: more than this machine can address"))
     };
     let send: Vec<usize> = (0..n).map(|j| to_usize(matrix[rank * n + j], rank, j)).collect::<Result<_, _>>()?;
     let recv: Vec<usize> = (0..n).map(|i| to_usize(matrix[i * n + rank], i, rank)).collect::<Result<_, _>>()?;
     let overflow = |what: &str| format!("the {what} sizes of rank {rank} add up to more than usize");
-    Ok((Layout::packed(&send).ok_or_else(|| overflow("send"))?, Layout::packed(&recv).ok_or_else(|| overflow("receive"))?))
+    Ok((
+        Layout::packed(&send).ok_or_else(|| overflow("send"))?,
+        Layout::packed(&recv).ok_or_else(|| overflow("receive"))?,
+    ))
 }
 
 /// The receive layout of a variable all-gather: `sizes[i]` is rank `i`'s contribution.

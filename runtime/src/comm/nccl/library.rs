@@ -123,7 +123,9 @@ impl NcclProbe {
     pub fn check(&self) -> Result<(), String> {
         match &self.reason {
             None if self.found => Ok(()),
-            reason => Err(format!("libnccl is not usable: {}; fix: {NCCL_FIX}", reason.as_deref().unwrap_or("not found"))),
+            reason => {
+                Err(format!("libnccl is not usable: {}; fix: {NCCL_FIX}", reason.as_deref().unwrap_or("not found")))
+            }
         }
     }
 }
@@ -168,7 +170,11 @@ fn load() -> Result<Nccl, String> {
                 }
             }
             found.ok_or_else(|| {
-                format!("{} not on the loader path and {NCCL_LIB_ENV} not set ({})", SYSTEM_NAMES.join(" / "), errors.join("; "))
+                format!(
+                    "{} not on the loader path and {NCCL_LIB_ENV} not set ({})",
+                    SYSTEM_NAMES.join(" / "),
+                    errors.join("; ")
+                )
             })?
         }
     };
@@ -188,20 +194,22 @@ fn load() -> Result<Nccl, String> {
         ));
     }
     // SAFETY: the declared types are those of nccl.h; absence is allowed.
-    let error_string = unsafe { lib.get::<unsafe extern "C" fn(c_int) -> *const c_char>(b"ncclGetErrorString\0") }
-        .ok()
-        .map(|f| *f);
+    let error_string =
+        unsafe { lib.get::<unsafe extern "C" fn(c_int) -> *const c_char>(b"ncclGetErrorString\0") }.ok().map(|f| *f);
     // SAFETY: as above.
-    let last_error = unsafe { lib.get::<unsafe extern "C" fn(ncclComm_t) -> *const c_char>(b"ncclGetLastError\0") }
-        .ok()
-        .map(|f| *f);
+    let last_error =
+        unsafe { lib.get::<unsafe extern "C" fn(ncclComm_t) -> *const c_char>(b"ncclGetLastError\0") }.ok().map(|f| *f);
     Ok(Nccl { _lib: lib, fns, version, source, error_string, last_error })
 }
 
 /// `ncclGetVersion`'s code as `(major, minor, patch)` (codes from 2.9 on are `major * 10000 + minor * 100 +
 /// patch`; older ones `major * 1000 + minor * 100 + patch`).
 pub(crate) fn split_version(code: c_int) -> (i32, i32, i32) {
-    if code >= 10000 { (code / 10000, (code % 10000) / 100, code % 100) } else { (code / 1000, (code % 1000) / 100, code % 100) }
+    if code >= 10000 {
+        (code / 10000, (code % 10000) / 100, code % 100)
+    } else {
+        (code / 1000, (code % 1000) / 100, code % 100)
+    }
 }
 
 impl Nccl {
@@ -288,7 +296,11 @@ mod tests {
             return;
         }
         let out = std::process::Command::new(exe)
-            .args(["--exact", "comm::nccl::library::tests::a_named_library_that_is_not_there_is_reported", "--nocapture"])
+            .args([
+                "--exact",
+                "comm::nccl::library::tests::a_named_library_that_is_not_there_is_reported",
+                "--nocapture",
+            ])
             .env("SWITCHYARD_NCCL_PROBE_CHILD", "1")
             .env(NCCL_LIB_ENV, "/no/such/libnccl.so.2")
             .output()

@@ -162,7 +162,11 @@ fn backoff(polls: &mut u32) {
 }
 
 fn to_int(rank: usize, op: &'static str, what: &str, v: usize) -> CommResult<c_int> {
-    c_int::try_from(v).map_err(|_| CommError::Invalid { rank, op, reason: format!("{what} {v} does not fit NCCL's int") })
+    c_int::try_from(v).map_err(|_| CommError::Invalid {
+        rank,
+        op,
+        reason: format!("{what} {v} does not fit NCCL's int"),
+    })
 }
 
 /// `ptr + offset` as NCCL's pointer type.
@@ -269,7 +273,10 @@ impl NcclComm {
 
     /// Makes the device's context current on this thread (NCCL and cudarc use the current device).
     fn bind(&self, op: &'static str) -> CommResult<()> {
-        self.stream.context().bind_to_thread().map_err(|e| self.transport_err(op, format!("binding the CUDA context: {e:?}")))
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.transport_err(op, format!("binding the CUDA context: {e:?}")))
     }
 
     /// Aborts both NCCL communicators (once) and records why the communicator is unusable.
@@ -296,7 +303,9 @@ impl NcclComm {
             Some(CommError::PeerFailed { peer, reason, .. }) => {
                 Err(CommError::PeerFailed { rank: self.rank, peer: *peer, op, reason: reason.clone() })
             }
-            Some(e) => Err(self.transport_err(op, format!("the communicator is unusable after an earlier failure: {e}"))),
+            Some(e) => {
+                Err(self.transport_err(op, format!("the communicator is unusable after an earlier failure: {e}")))
+            }
             None => Ok(()),
         }
     }
@@ -437,13 +446,19 @@ impl NcclComm {
     }
 
     fn zeros<T: NcclElement>(&self, io: &mut Io, op: &'static str, len: usize) -> CommResult<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| self.fail(io, self.transport_err(op, format!("allocating {len} elements on the device: {e:?}"))))
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| {
+            self.fail(io, self.transport_err(op, format!("allocating {len} elements on the device: {e:?}")))
+        })
     }
 
     /// The first `len` elements of `buf` (the NCCL work on it has completed).
-    fn download<T: NcclElement>(&self, io: &mut Io, op: &'static str, buf: &CudaSlice<T>, len: usize) -> CommResult<Vec<T>> {
+    fn download<T: NcclElement>(
+        &self,
+        io: &mut Io,
+        op: &'static str,
+        buf: &CudaSlice<T>,
+        len: usize,
+    ) -> CommResult<Vec<T>> {
         let mut out = vec![T::default(); len];
         if len == 0 {
             return Ok(out);
@@ -454,7 +469,13 @@ impl NcclComm {
     }
 
     /// Every rank's `values` (`k` each), on the collectives' communicator.
-    fn all_gather_u64(&self, io: &mut Io, op: &'static str, values: &[u64], deadline: Option<Instant>) -> CommResult<Vec<u64>> {
+    fn all_gather_u64(
+        &self,
+        io: &mut Io,
+        op: &'static str,
+        values: &[u64],
+        deadline: Option<Instant>,
+    ) -> CommResult<Vec<u64>> {
         let k = values.len();
         let send = self.upload(io, op, values)?;
         let mut recv = self.zeros::<u64>(io, op, k * self.size)?;
@@ -464,7 +485,9 @@ impl NcclComm {
             let (dst, _w) = recv.device_ptr_mut(&self.stream);
             self.run_group(io, op, coll, deadline, (self.rank + 1) % self.size, |f, s| {
                 // SAFETY: `send` holds k values and `recv` k * size, both alive until the group completed.
-                unsafe { (f.all_gather)(src as *const c_void, dst as *mut c_void, k, ncclDataType_t::ncclUint64, coll, s) }
+                unsafe {
+                    (f.all_gather)(src as *const c_void, dst as *mut c_void, k, ncclDataType_t::ncclUint64, coll, s)
+                }
             })?;
         }
         self.download(io, op, &recv, k * self.size)
@@ -555,8 +578,9 @@ impl NcclComm {
                 );
                 return Err(self.fail(io, e));
             }
-            let len = usize::try_from(h.len_bytes)
-                .map_err(|_| self.fail(io, self.transport_err(name, format!("rank {src} announces {} bytes", h.len_bytes))))?;
+            let len = usize::try_from(h.len_bytes).map_err(|_| {
+                self.fail(io, self.transport_err(name, format!("rank {src} announces {} bytes", h.len_bytes)))
+            })?;
             lens.push(len);
         }
         // Round 2: payloads.
@@ -612,7 +636,9 @@ impl NcclComm {
         let (p, _w) = buf.device_ptr_mut(&self.stream);
         self.run_group(&mut io, op, coll, deadline_after(self.timeout), (self.rank + 1) % self.size, |f, s| {
             // SAFETY: in place on `len <= buf.len()` elements, alive until completion.
-            unsafe { (f.all_reduce)(p as *const c_void, p as *mut c_void, len, T::nccl_type(), ncclRedOp_t::ncclSum, coll, s) }
+            unsafe {
+                (f.all_reduce)(p as *const c_void, p as *mut c_void, len, T::nccl_type(), ncclRedOp_t::ncclSum, coll, s)
+            }
         })
     }
 
@@ -637,8 +663,8 @@ impl NcclComm {
         let mut io = lock(&self.io);
         let row: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
         let matrix = self.all_gather_u64(&mut io, op, &row, deadline)?;
-        let (out, inn) =
-            framing::all_to_all_plan(self.rank, self.size, &matrix).map_err(|e| self.fail(&mut io, self.invalid(op, e)))?;
+        let (out, inn) = framing::all_to_all_plan(self.rank, self.size, &matrix)
+            .map_err(|e| self.fail(&mut io, self.invalid(op, e)))?;
         let mut recv = self.zeros::<T>(&mut io, op, inn.total)?;
         let coll = io.handles.coll;
         let peers: Vec<c_int> = (0..self.size).map(|j| j as c_int).collect();
@@ -650,14 +676,18 @@ impl NcclComm {
                 for j in 0..peers.len() {
                     if out.sizes[j] > 0 {
                         // SAFETY: inside `send` (checked above), alive until completion.
-                        let c = unsafe { (f.send)(at(sp, out.offsets[j] * elem), out.sizes[j], T::nccl_type(), peers[j], coll, s) };
+                        let c = unsafe {
+                            (f.send)(at(sp, out.offsets[j] * elem), out.sizes[j], T::nccl_type(), peers[j], coll, s)
+                        };
                         if c != NCCL_SUCCESS && c != NCCL_IN_PROGRESS {
                             return c;
                         }
                     }
                     if inn.sizes[j] > 0 {
                         // SAFETY: inside `recv` (allocated to the plan's total).
-                        let c = unsafe { (f.recv)(at(dp, inn.offsets[j] * elem), inn.sizes[j], T::nccl_type(), peers[j], coll, s) };
+                        let c = unsafe {
+                            (f.recv)(at(dp, inn.offsets[j] * elem), inn.sizes[j], T::nccl_type(), peers[j], coll, s)
+                        };
                         if c != NCCL_SUCCESS && c != NCCL_IN_PROGRESS {
                             return c;
                         }
@@ -742,7 +772,11 @@ impl NcclComm {
             size: members.len(),
             ordinal: self.ordinal,
             timeout: self.timeout,
-            io: Mutex::new(Io { handles: Handles { user: new_user, coll: new_coll }, stash: HashMap::new(), broken: None }),
+            io: Mutex::new(Io {
+                handles: Handles { user: new_user, coll: new_coll },
+                stash: HashMap::new(),
+                broken: None,
+            }),
             abort_requested: AtomicBool::new(false),
             abort_reason: Mutex::new(None),
         })
@@ -756,9 +790,11 @@ impl NcclComm {
         let mut hrecv = self.zeros::<u8>(io, op, HEADER_BYTES)?;
         self.exchange_bytes(io, op, user, &hsend, &[], &mut hrecv, &[(src, 0, HEADER_BYTES)], deadline, src)?;
         let h = self.download(io, op, &hrecv, HEADER_BYTES)?;
-        let h = Header::decode(&h).map_err(|e| self.fail(io, self.transport_err(op, format!("from rank {src}: {e}"))))?;
-        let len = usize::try_from(h.len_bytes)
-            .map_err(|_| self.fail(io, self.transport_err(op, format!("rank {src} announces {} bytes", h.len_bytes))))?;
+        let h =
+            Header::decode(&h).map_err(|e| self.fail(io, self.transport_err(op, format!("from rank {src}: {e}"))))?;
+        let len = usize::try_from(h.len_bytes).map_err(|_| {
+            self.fail(io, self.transport_err(op, format!("rank {src} announces {} bytes", h.len_bytes)))
+        })?;
         if len == 0 {
             return Ok((h.tag, Vec::new()));
         }
@@ -859,7 +895,8 @@ impl Communicator for NcclComm {
         let mut io = lock(&self.io);
         let row: Vec<u64> = (0..n).map(|j| if j == me { 0 } else { send[j].len() as u64 }).collect();
         let matrix = self.all_gather_u64(&mut io, op, &row, deadline)?;
-        let (out, inn) = framing::all_to_all_plan(me, n, &matrix).map_err(|e| self.fail(&mut io, self.invalid(op, e)))?;
+        let (out, inn) =
+            framing::all_to_all_plan(me, n, &matrix).map_err(|e| self.fail(&mut io, self.invalid(op, e)))?;
         let mut packed = Vec::with_capacity(out.total);
         for (j, s) in send.iter().enumerate() {
             if j != me {
@@ -899,12 +936,15 @@ impl Communicator for NcclComm {
             let (dp, _w) = rbuf.device_ptr_mut(&self.stream);
             self.run_group(&mut io, op, coll, deadline, (me + 1) % n, |f, s| {
                 // SAFETY: `sbuf` holds `len` bytes, `rbuf` `n * len`, alive until completion.
-                unsafe { (f.all_gather)(sp as *const c_void, dp as *mut c_void, len, ncclDataType_t::ncclUint8, coll, s) }
+                unsafe {
+                    (f.all_gather)(sp as *const c_void, dp as *mut c_void, len, ncclDataType_t::ncclUint8, coll, s)
+                }
             })?;
         } else {
             let peers: Vec<usize> = (0..n).filter(|&j| j != me).collect();
             let s: Vec<(usize, usize, usize)> = peers.iter().map(|&j| (j, 0, data.len())).collect();
-            let r: Vec<(usize, usize, usize)> = peers.iter().map(|&j| (j, layout.offsets[j], layout.sizes[j])).collect();
+            let r: Vec<(usize, usize, usize)> =
+                peers.iter().map(|&j| (j, layout.offsets[j], layout.sizes[j])).collect();
             self.exchange_bytes(&mut io, op, coll, &sbuf, &s, &mut rbuf, &r, deadline, (me + 1) % n)?;
         }
         let all = self.download(&mut io, op, &rbuf, layout.total)?;
@@ -927,21 +967,43 @@ impl Communicator for NcclComm {
             let (p, _w) = len_buf.device_ptr_mut(&self.stream);
             self.run_group(&mut io, op, coll, deadline, root, |f, s| {
                 // SAFETY: one u64 in place, alive until completion.
-                unsafe { (f.broadcast)(p as *const c_void, p as *mut c_void, 1, ncclDataType_t::ncclUint64, root_int, coll, s) }
+                unsafe {
+                    (f.broadcast)(
+                        p as *const c_void,
+                        p as *mut c_void,
+                        1,
+                        ncclDataType_t::ncclUint64,
+                        root_int,
+                        coll,
+                        s,
+                    )
+                }
             })?;
         }
         let len = self.download(&mut io, op, &len_buf, 1)?[0];
-        let len = usize::try_from(len).map_err(|_| self.fail(&mut io, self.transport_err(op, format!("root announces {len} bytes"))))?;
+        let len = usize::try_from(len)
+            .map_err(|_| self.fail(&mut io, self.transport_err(op, format!("root announces {len} bytes"))))?;
         if len == 0 {
             data.clear();
             return Ok(());
         }
-        let mut buf = if self.rank == root { self.upload(&mut io, op, data)? } else { self.zeros::<u8>(&mut io, op, len)? };
+        let mut buf =
+            if self.rank == root { self.upload(&mut io, op, data)? } else { self.zeros::<u8>(&mut io, op, len)? };
         {
             let (p, _w) = buf.device_ptr_mut(&self.stream);
             self.run_group(&mut io, op, coll, deadline, root, |f, s| {
                 // SAFETY: `len` bytes in place (the root's buffer holds its data, the others `len` zeros).
-                unsafe { (f.broadcast)(p as *const c_void, p as *mut c_void, len, ncclDataType_t::ncclUint8, root_int, coll, s) }
+                unsafe {
+                    (f.broadcast)(
+                        p as *const c_void,
+                        p as *mut c_void,
+                        len,
+                        ncclDataType_t::ncclUint8,
+                        root_int,
+                        coll,
+                        s,
+                    )
+                }
             })?;
         }
         if self.rank != root {
@@ -970,7 +1032,17 @@ impl Communicator for NcclComm {
         let (p, _w) = one.device_ptr_mut(&self.stream);
         self.run_group(&mut io, op, coll, deadline, (self.rank + 1) % self.size, |f, s| {
             // SAFETY: one float in place, alive until completion.
-            unsafe { (f.all_reduce)(p as *const c_void, p as *mut c_void, 1, ncclDataType_t::ncclFloat32, ncclRedOp_t::ncclSum, coll, s) }
+            unsafe {
+                (f.all_reduce)(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    1,
+                    ncclDataType_t::ncclFloat32,
+                    ncclRedOp_t::ncclSum,
+                    coll,
+                    s,
+                )
+            }
         })
     }
 
@@ -1034,17 +1106,19 @@ impl Drop for NcclComm {
     }
 }
 
-/// Runs `f` once per GPU of this machine on `workers` in-process threads, each with an [`NcclComm`] of one
-/// group (rank `r` on GPU `r`): the in-process form of one process per GPU. Rank 0's thread creates the id.
-/// Returns each rank's result in rank order; a rank whose communicator cannot be created returns that error.
-pub fn run_threads<T, F>(workers: usize, timeout: Duration, f: F) -> Vec<Result<T, CommError>>
+/// Runs `f` on `workers` in-process threads, each with an [`NcclComm`] of one group (rank `r` on GPU `r`):
+/// the in-process form of one process per GPU. This thread creates the id. Returns each rank's result in rank
+/// order; a rank whose communicator cannot be created returns that error, a rank whose thread panicked a
+/// [`CommError::PeerFailed`].
+pub fn run_threads<T, E, F>(workers: usize, timeout: Duration, f: F) -> Vec<Result<T, E>>
 where
     T: Send,
-    F: Fn(NcclComm) -> Result<T, CommError> + Sync,
+    E: From<CommError> + Send,
+    F: Fn(NcclComm) -> Result<T, E> + Sync,
 {
     let id = match NcclId::new() {
         Ok(id) => id,
-        Err(e) => return (0..workers).map(|_| Err(e.clone())).collect(),
+        Err(e) => return (0..workers).map(|_| Err(E::from(e.clone()))).collect(),
     };
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
@@ -1058,7 +1132,12 @@ where
             .enumerate()
             .map(|(r, h)| {
                 h.join().unwrap_or_else(|_| {
-                    Err(CommError::PeerFailed { rank: r, peer: r, op: "nccl worker", reason: "the worker thread panicked".into() })
+                    Err(E::from(CommError::PeerFailed {
+                        rank: r,
+                        peer: r,
+                        op: "nccl worker",
+                        reason: "the worker thread panicked".into(),
+                    }))
                 })
             })
             .collect()
@@ -1089,7 +1168,7 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let out = run_threads(2, Duration::from_secs(60), |c| {
+        let out = run_threads(2, Duration::from_secs(60), |c| -> CommResult<()> {
             let me = c.rank();
             // all-to-all-v of uneven sizes
             let send: Vec<Vec<u8>> = (0..2).map(|j| vec![(10 * me + j) as u8; 3 + 5 * j + me]).collect();
@@ -1102,7 +1181,10 @@ mod tests {
             let mut v = vec![0.1f32 * (me as f32 + 1.0), 1e-8, -3.5];
             c.all_reduce_sum_f32(&mut v)?;
             let want = [0.1f32 + 0.2f32, 1e-8 + 1e-8, -7.0];
-            assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
             // variable all-gather, broadcast, tagged messages out of order
             let all = c.all_gather(&vec![me as u8; me + 1])?;
             assert_eq!(all, vec![vec![0u8], vec![1u8, 1]]);
@@ -1137,7 +1219,7 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let out = run_threads(2, Duration::from_secs(5), |c| {
+        let out = run_threads(2, Duration::from_secs(5), |c| -> CommResult<()> {
             if c.rank() == 0 {
                 let t = Instant::now();
                 let e = c.recv(1, 3).unwrap_err();
