@@ -223,10 +223,10 @@ pub fn gpu_unavailable(gpus_needed: usize, workers: usize) -> Option<String> {
             e => e.to_string(),
         });
     }
-    if workers > 1 {
-        if let Err(e) = nccl::probe().check() {
-            return Some(format!("{workers} GPU workers talk through NCCL: {e}"));
-        }
+    if workers > 1
+        && let Err(e) = nccl::probe().check()
+    {
+        return Some(format!("{workers} GPU workers talk through NCCL: {e}"));
     }
     None
 }

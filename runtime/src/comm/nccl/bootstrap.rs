@@ -160,4 +160,34 @@ mod tests {
         assert!(e.to_string().contains("SWITCHYARD_NCCL_LIB"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
+
+    #[test]
+    fn ranks_get_rank_0s_id_through_the_file_rendezvous() {
+        // Needs libnccl (ncclGetUniqueId), not a GPU.
+        if let Err(e) = super::super::probe().check() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("switchyard-nccl-rdv3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ids: Vec<CommResult<NcclId>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|rank| {
+                    let cfg = RendezvousConfig { rank, world_size: 3, dir: dir.clone() };
+                    s.spawn(move || id_via_file(&cfg, Duration::from_secs(20)))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        std::fs::remove_dir_all(&dir).ok();
+        if let Err(e) = &ids[0] {
+            eprintln!("skipped: this libnccl cannot create an id here: {e}");
+            return;
+        }
+        let first = ids[0].as_ref().unwrap();
+        assert!(first.as_bytes().iter().any(|&b| b != 0));
+        for id in &ids {
+            assert_eq!(id.as_ref().unwrap(), first);
+        }
+    }
 }

@@ -673,11 +673,11 @@ impl NcclComm {
             let (sp, _r) = send.device_ptr(&self.stream);
             let (dp, _w) = recv.device_ptr_mut(&self.stream);
             self.run_group(&mut io, op, coll, deadline, (self.rank + 1) % self.size, |f, s| {
-                for j in 0..peers.len() {
+                for (j, &peer) in peers.iter().enumerate() {
                     if out.sizes[j] > 0 {
                         // SAFETY: inside `send` (checked above), alive until completion.
                         let c = unsafe {
-                            (f.send)(at(sp, out.offsets[j] * elem), out.sizes[j], T::nccl_type(), peers[j], coll, s)
+                            (f.send)(at(sp, out.offsets[j] * elem), out.sizes[j], T::nccl_type(), peer, coll, s)
                         };
                         if c != NCCL_SUCCESS && c != NCCL_IN_PROGRESS {
                             return c;
@@ -686,7 +686,7 @@ impl NcclComm {
                     if inn.sizes[j] > 0 {
                         // SAFETY: inside `recv` (allocated to the plan's total).
                         let c = unsafe {
-                            (f.recv)(at(dp, inn.offsets[j] * elem), inn.sizes[j], T::nccl_type(), peers[j], coll, s)
+                            (f.recv)(at(dp, inn.offsets[j] * elem), inn.sizes[j], T::nccl_type(), peer, coll, s)
                         };
                         if c != NCCL_SUCCESS && c != NCCL_IN_PROGRESS {
                             return c;
@@ -865,10 +865,10 @@ impl Communicator for NcclComm {
         let deadline = deadline_after(self.timeout);
         let mut io = lock(&self.io);
         self.check_usable(&mut io, op)?;
-        if let Some(q) = io.stash.get_mut(&src) {
-            if let Some(i) = q.iter().position(|(t, _)| *t == tag) {
-                return Ok(q.remove(i).map(|(_, d)| d).unwrap_or_default());
-            }
+        if let Some(q) = io.stash.get_mut(&src)
+            && let Some(i) = q.iter().position(|(t, _)| *t == tag)
+        {
+            return Ok(q.remove(i).map(|(_, d)| d).unwrap_or_default());
         }
         if src == self.rank {
             return Err(self.invalid(op, format!("no message with tag {tag} was sent by this rank to itself")));
