@@ -36,6 +36,7 @@ fn profile_writes_a_profile_that_validate_and_train_read() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["workers"], 2);
+    assert_eq!(v["device"], "cpu");
     assert_eq!(v["samples"].as_array().unwrap().len(), 3);
     assert_eq!(v["gemm"].as_array().unwrap().len(), 4);
     assert!(v["profile"]["fit"]["mape_percent"].as_f64().unwrap().is_finite());
@@ -58,6 +59,78 @@ fn bad_flags_name_the_fix() {
         (vec!["profile", "--samples", "0"], "--samples 0"),
         (vec!["profile", "--comm", "mpi"], "mpirun"),
         (vec!["train", "--profile", "/no/such/profile.json", "--steps", "1"], "/no/such/profile.json"),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+const SMALL: [&str; 14] = [
+    "--workers",
+    "2",
+    "--d-model",
+    "32",
+    "--d-ffn",
+    "64",
+    "--experts",
+    "4",
+    "--tokens",
+    "64",
+    "--samples",
+    "2",
+    "--repeats",
+    "1",
+];
+
+#[test]
+fn device_cuda_without_a_driver_names_what_is_missing() {
+    let p = switchyard_kernels::cuda::probe();
+    if p.driver_found {
+        eprintln!("skipped: a CUDA driver is installed here ({})", p.summary());
+        return;
+    }
+    for workers in ["1", "2"] {
+        let out = run(&["profile", "--device", "cuda", "--workers", workers]);
+        assert!(!out.status.success(), "--device cuda succeeded without a driver");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--device cuda: no CUDA driver (libcuda.so) found"), "{err}");
+        assert!(err.contains("install the NVIDIA driver or use --device cpu"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn device_auto_falls_back_to_the_cpu_and_says_why() {
+    let p = switchyard_kernels::cuda::probe();
+    let mut args = vec!["profile", "--device", "auto", "--json"];
+    args.extend(SMALL);
+    if p.check(0).is_ok() {
+        eprintln!("skipped: this machine has a usable GPU ({}), auto would use it", p.summary());
+        return;
+    }
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("--device auto: running on the CPU: "), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["workers"], 2);
+    assert_eq!(v["comm"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn device_and_rendezvous_flags_are_checked() {
+    for (args, needle) in [
+        (vec!["profile", "--device", "tpu"], "cpu, cuda or auto"),
+        (vec!["profile", "--rendezvous", "/tmp/sy-rdv", "--rank", "0", "--world-size", "2"], "--device cuda"),
+        (vec!["profile", "--device", "cuda", "--rendezvous", "/tmp/sy-rdv", "--world-size", "2"], "SWITCHYARD_RANK"),
+        (
+            vec!["profile", "--device", "cuda", "--rendezvous", "/tmp/sy-rdv", "--rank", "2", "--world-size", "2"],
+            "not below",
+        ),
     ] {
         let out = run(&args);
         assert!(!out.status.success(), "{args:?} succeeded");

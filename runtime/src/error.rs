@@ -34,7 +34,7 @@ pub enum RuntimeError {
         /// Why, with the offending value and, where there is one, the fix.
         reason: String,
     },
-    /// The GPU (CUDA driver, NVRTC, cuBLAS) failed or is missing.
+    /// The GPU (CUDA driver, NVRTC, cuBLAS) failed or is missing, with the step that needed it.
     #[error("GPU, {step}: {reason}")]
     Device {
         /// What was being done.
@@ -42,6 +42,10 @@ pub enum RuntimeError {
         /// The CUDA layer's message (what is missing and the fix, where it knows).
         reason: String,
     },
+    /// The GPU path failed (a missing driver or library, a CUDA or cuBLAS error).
+    #[cfg(feature = "cuda")]
+    #[error("cuda: {0}")]
+    Cuda(#[from] switchyard_kernels::cuda::CudaError),
     /// A file could not be read (or is not what it must be).
     #[error("cannot use {}: {source}", path.display())]
     Io {

@@ -10,6 +10,11 @@
 //! - the distributed MoE layer itself (forward + backward) under routings of several skews, as calibration
 //!   samples: the remaining constants (per-expert and per-layer fixed costs, achieved link fraction) are
 //!   fitted to them with the calibration's least squares, and the fit's error is reported.
+//!
+//! Where the measurements come from is a [`MeasureSource`]: [`CpuSource`] (the kernels' CPU GEMM, the
+//! workers' communicator, the distributed layer; what [`profile`] uses) or, with the `cuda` feature,
+//! [`cuda::CudaSource`] (cuBLAS GEMMs, NCCL device collectives, the single-GPU layer). The fitting is the same
+//! for both ([`profile_with`]).
 
 use std::time::Instant;
 
@@ -24,6 +29,9 @@ use crate::error::RuntimeError;
 use crate::experts::{ExpertRuntime, MoeShape};
 use crate::machine::{LocalRates, cpu_cluster};
 use crate::optim::Adam;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -98,8 +106,10 @@ pub struct LinkFit {
 pub struct ProfileReport {
     /// Workers measured.
     pub workers: usize,
-    /// The transport of the collectives (`local` or `mpi`).
+    /// The transport of the collectives (`local`, `mpi` or `nccl`).
     pub transport: String,
+    /// Where the GEMMs, collectives and layer samples ran (`cpu`, or `cuda:N (GPU name)`).
+    pub device: String,
     /// What was measured.
     pub config: ProfileConfig,
     /// GEMM throughput of one worker by rows.
@@ -127,14 +137,17 @@ fn gather(comm: &dyn Communicator, v: f64) -> Result<Vec<f64>, RuntimeError> {
 }
 
 /// The slowest worker's time (the largest value).
-fn max_over(comm: &dyn Communicator, v: f64) -> Result<f64, RuntimeError> {
+pub(crate) fn max_over(comm: &dyn Communicator, v: f64) -> Result<f64, RuntimeError> {
     Ok(gather(comm, v)?.into_iter().fold(f64::NEG_INFINITY, f64::max))
 }
 
 /// The smallest value over workers.
-fn min_over(comm: &dyn Communicator, v: f64) -> Result<f64, RuntimeError> {
+pub(crate) fn min_over(comm: &dyn Communicator, v: f64) -> Result<f64, RuntimeError> {
     Ok(gather(comm, v)?.into_iter().fold(f64::INFINITY, f64::min))
 }
+
+/// Row counts of the GEMM measurements.
+pub const GEMM_ROWS: [usize; 4] = [64, 256, 1024, 4096];
 
 /// GEMM throughput of this worker at `m` = 64 .. 4096 rows of `m x k` by `k x n`, every worker of `comm` at
 /// once (they share the machine as in training; every worker must call it); the slowest worker's rate.
@@ -146,7 +159,7 @@ pub fn measure_gemm(
     repeats: usize,
 ) -> Result<Vec<GemmPoint>, RuntimeError> {
     let mut out = Vec::new();
-    for m in [64usize, 256, 1024, 4096] {
+    for m in GEMM_ROWS {
         comm.barrier()?;
         let a = vec![0.5f32; m * k];
         let b = vec![0.25f32; k * n];
@@ -163,14 +176,37 @@ pub fn measure_gemm(
     Ok(out)
 }
 
-/// Collectives across `comm`'s workers at several sizes per peer (every worker must call it).
-pub fn measure_comm(comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommPoint>, RuntimeError> {
-    let (me, w) = (comm.rank(), comm.size());
+/// The collectives [`measure_collectives`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    /// All-to-all with `per_peer` bytes to every worker (this one included).
+    AllToAll,
+    /// Sum of `per_peer / 4` floats over the workers.
+    AllReduce,
+    /// Ping-pong of `per_peer` bytes between workers 0 and 1 (half the round trip is kept).
+    SendRecv,
+}
+
+/// One timed operation, with its buffers prepared (allocation is not timed).
+pub type TimedOp<'a> = Box<dyn FnMut() -> Result<(), RuntimeError> + 'a>;
+
+/// Bytes per peer of the collectives' measurements.
+pub const COMM_SIZES_BYTES: [usize; 4] = [4 << 10, 64 << 10, 512 << 10, 4 << 20];
+
+/// Times the collectives at [`COMM_SIZES_BYTES`] per peer (every worker must call it): `prepare` returns the
+/// operation for a collective and size, run `repeats + 1` times between barriers of `comm`; the slowest
+/// worker's time is kept, the minimum over repetitions.
+pub fn measure_collectives<'a>(
+    comm: &dyn Communicator,
+    repeats: usize,
+    prepare: &mut dyn FnMut(Collective, usize) -> Result<TimedOp<'a>, RuntimeError>,
+) -> Result<Vec<CommPoint>, RuntimeError> {
+    let w = comm.size();
     let mut out = Vec::new();
     if w < 2 {
         return Ok(out);
     }
-    let timed = |f: &mut dyn FnMut() -> Result<(), RuntimeError>| -> Result<f64, RuntimeError> {
+    let timed = |f: &mut TimedOp<'a>| -> Result<f64, RuntimeError> {
         let mut best = f64::INFINITY;
         for _ in 0..repeats.max(1) + 1 {
             comm.barrier()?;
@@ -180,35 +216,18 @@ pub fn measure_comm(comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommP
         }
         Ok(best)
     };
-    for per_peer in [4usize << 10, 64 << 10, 512 << 10, 4 << 20] {
-        let bufs: Vec<Vec<u8>> = (0..w).map(|_| vec![me as u8; per_peer]).collect();
-        let ms = timed(&mut || {
-            let refs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
-            comm.all_to_all_v(&refs)?;
-            Ok(())
-        })?;
+    for per_peer in COMM_SIZES_BYTES {
+        let ms = timed(&mut prepare(Collective::AllToAll, per_peer)?)?;
         let bytes = (per_peer * (w - 1)) as u64;
         out.push(CommPoint { op: "all_to_all".into(), bytes_per_worker: bytes, ms, gbyte_s: bytes as f64 / ms / 1e6 });
-        let mut data = vec![1.0f32; per_peer / 4];
-        let ms = timed(&mut || Ok(comm.all_reduce_sum_f32(&mut data)?))?;
+        let ms = timed(&mut prepare(Collective::AllReduce, per_peer)?)?;
         out.push(CommPoint {
             op: "all_reduce".into(),
             bytes_per_worker: per_peer as u64,
             ms,
             gbyte_s: per_peer as f64 / ms / 1e6,
         });
-        // Ping-pong between workers 0 and 1: half the round trip.
-        let msg = vec![7u8; per_peer];
-        let ms = timed(&mut || {
-            if me == 0 {
-                comm.send(1, 11, &msg)?;
-                comm.recv(1, 12)?;
-            } else if me == 1 {
-                let m = comm.recv(0, 11)?;
-                comm.send(0, 12, &m)?;
-            }
-            Ok(())
-        })? / 2.0;
+        let ms = timed(&mut prepare(Collective::SendRecv, per_peer)?)? / 2.0;
         out.push(CommPoint {
             op: "send_recv".into(),
             bytes_per_worker: per_peer as u64,
@@ -217,6 +236,41 @@ pub fn measure_comm(comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommP
         });
     }
     Ok(out)
+}
+
+/// Collectives across `comm`'s workers at several sizes per peer, on host buffers through the
+/// communicator itself (every worker must call it).
+pub fn measure_comm(comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommPoint>, RuntimeError> {
+    let (me, w) = (comm.rank(), comm.size());
+    measure_collectives(comm, repeats, &mut |kind, per_peer| -> Result<TimedOp<'_>, RuntimeError> {
+        Ok(match kind {
+            Collective::AllToAll => {
+                let bufs: Vec<Vec<u8>> = (0..w).map(|_| vec![me as u8; per_peer]).collect();
+                Box::new(move || {
+                    let refs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
+                    comm.all_to_all_v(&refs)?;
+                    Ok(())
+                })
+            }
+            Collective::AllReduce => {
+                let mut data = vec![1.0f32; per_peer / 4];
+                Box::new(move || Ok(comm.all_reduce_sum_f32(&mut data)?))
+            }
+            Collective::SendRecv => {
+                let msg = vec![7u8; per_peer];
+                Box::new(move || {
+                    if me == 0 {
+                        comm.send(1, 11, &msg)?;
+                        comm.recv(1, 12)?;
+                    } else if me == 1 {
+                        let m = comm.recv(0, 11)?;
+                        comm.send(0, 12, &m)?;
+                    }
+                    Ok(())
+                })
+            }
+        })
+    })
 }
 
 /// Least-squares line through `(bytes, ms)`: latency and bandwidth (both kept physical).
@@ -349,45 +403,122 @@ pub fn measured_cluster(workers: usize, gemm: &[GemmPoint], copy_gbyte_s: f64, a
     c
 }
 
-/// Measures and fits on every worker of `comm` (every worker must call it); worker 0 returns the report.
+/// A source of measurements: what runs the GEMMs, the collectives and the layer samples. Every method is
+/// collective over `comm` (every worker calls it; `comm` also carries the timing's barriers and maxima).
+pub trait MeasureSource {
+    /// Where it runs (`cpu`, `cuda:0 (NVIDIA H200)`), for the report.
+    fn device(&self) -> String;
+    /// GEMM throughput at the profile's row counts, `m x k` by `k x n` (see [`measure_gemm`]).
+    fn gemm(&self, comm: &dyn Communicator, k: usize, n: usize, repeats: usize)
+    -> Result<Vec<GemmPoint>, RuntimeError>;
+    /// Memory-copy bandwidth of one worker, GB/s (the slowest worker's).
+    fn copy_gbyte_s(&self, comm: &dyn Communicator) -> Result<f64, RuntimeError>;
+    /// The collectives (see [`measure_collectives`]); empty with one worker.
+    fn collectives(&self, comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommPoint>, RuntimeError>;
+    /// MoE layer samples (see [`measure_layer`]).
+    fn layer(&self, comm: &dyn Communicator, cfg: &ProfileConfig) -> Result<Vec<Sample>, RuntimeError>;
+    /// The model constants fitted to the samples (the rates are measured).
+    fn fitted_constants(&self) -> &'static [&'static str];
+    /// What the source knows of its hardware beyond the rates (a GPU's name and memory); the CPU source
+    /// leaves the measured cluster as it is.
+    fn adjust_cluster(&self, cluster: &mut ClusterSpec) {
+        let _ = cluster;
+    }
+}
+
+/// The CPU measurements: the kernels' `sgemm` on each worker's threads, the workers' communicator, the
+/// distributed MoE layer of the runtime.
+pub struct CpuSource {
+    engine: Engine,
+    threads_per_worker: usize,
+}
+
+impl CpuSource {
+    /// A source with `cfg.threads_per_worker` compute threads per worker.
+    pub fn new(cfg: &ProfileConfig) -> Result<Self, RuntimeError> {
+        let threads_per_worker = cfg.threads_per_worker.max(1);
+        Ok(CpuSource { engine: Engine::new(Compute::new(threads_per_worker))?, threads_per_worker })
+    }
+}
+
+impl MeasureSource for CpuSource {
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn gemm(
+        &self,
+        comm: &dyn Communicator,
+        k: usize,
+        n: usize,
+        repeats: usize,
+    ) -> Result<Vec<GemmPoint>, RuntimeError> {
+        measure_gemm(comm, &self.engine, k, n, repeats)
+    }
+
+    fn copy_gbyte_s(&self, comm: &dyn Communicator) -> Result<f64, RuntimeError> {
+        let rates = crate::machine::measure_local(self.threads_per_worker)?;
+        min_over(comm, rates.copy_gbyte_s)
+    }
+
+    fn collectives(&self, comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommPoint>, RuntimeError> {
+        measure_comm(comm, repeats)
+    }
+
+    fn layer(&self, comm: &dyn Communicator, cfg: &ProfileConfig) -> Result<Vec<Sample>, RuntimeError> {
+        measure_layer(comm, &self.engine, cfg)
+    }
+
+    fn fitted_constants(&self) -> &'static [&'static str] {
+        &["per_expert_overhead_us", "moe_layer_overhead_us", "intra_bandwidth_efficiency", "gemm_max_efficiency"]
+    }
+}
+
+/// Measures on the CPU and fits, on every worker of `comm` (every worker must call it); worker 0 returns the
+/// report.
 pub fn profile(comm: &dyn Communicator, cfg: &ProfileConfig) -> Result<Option<ProfileReport>, RuntimeError> {
-    let engine = Engine::new(Compute::new(cfg.threads_per_worker.max(1)))?;
+    profile_with(comm, cfg, &CpuSource::new(cfg)?)
+}
+
+/// Measures with `source` and fits, on every worker of `comm` (every worker must call it); worker 0 returns
+/// the report.
+pub fn profile_with(
+    comm: &dyn Communicator,
+    cfg: &ProfileConfig,
+    source: &dyn MeasureSource,
+) -> Result<Option<ProfileReport>, RuntimeError> {
     // GEMMs and copies: every worker at once, as in training (they share the machine).
-    let gemm = measure_gemm(comm, &engine, cfg.d_model, cfg.d_ffn, cfg.repeats)?;
-    let rates = crate::machine::measure_local(cfg.threads_per_worker)?;
-    let copy_gbyte_s = min_over(comm, rates.copy_gbyte_s)?;
-    let comm_points = measure_comm(comm, cfg.repeats)?;
-    let samples = measure_layer(comm, &engine, cfg)?;
+    let gemm = source.gemm(comm, cfg.d_model, cfg.d_ffn, cfg.repeats)?;
+    let copy_gbyte_s = source.copy_gbyte_s(comm)?;
+    let comm_points = source.collectives(comm, cfg.repeats)?;
+    let samples = source.layer(comm, cfg)?;
     if comm.rank() != 0 {
         return Ok(None);
     }
     let a2a: Vec<(f64, f64)> =
         comm_points.iter().filter(|p| p.op == "all_to_all").map(|p| (p.bytes_per_worker as f64, p.ms)).collect();
     let all_to_all_fit = fit_line(&a2a);
-    let cluster = measured_cluster(comm.size(), &gemm, copy_gbyte_s, all_to_all_fit);
+    let mut cluster = measured_cluster(comm.size(), &gemm, copy_gbyte_s, all_to_all_fit);
+    source.adjust_cluster(&mut cluster);
     let layer = LayerSpec { d_model: cfg.d_model as u64, d_ffn: cfg.d_ffn as u64, gated: false, dtype: Dtype::Fp32 };
     let bad = |e: String| RuntimeError::invalid("profile fit", e);
     let before = switchyard_cost::calibrate::predict_all(&samples, &layer, &cluster).map_err(bad)?;
     let real: Vec<f64> = samples.iter().map(|s| s.real_ms).collect();
     let before_fit = metrics(&before, &real);
-    // The rates are measured; the fixed costs and the achieved link fraction are fitted to the layer.
-    let fit: Vec<String> =
-        ["per_expert_overhead_us", "moe_layer_overhead_us", "intra_bandwidth_efficiency", "gemm_max_efficiency"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let profile = calibrate(
-        &samples,
-        &format!("switchyard profile ({} workers, {})", comm.size(), comm.transport()),
-        Selection::All,
-        &layer,
-        &cluster,
-        &fit,
-    )
-    .map_err(bad)?;
+    // The rates are measured; the fixed costs (and, where the samples communicate, the achieved link
+    // fraction) are fitted to the layer.
+    let fit: Vec<String> = source.fitted_constants().iter().map(|s| s.to_string()).collect();
+    let device = source.device();
+    let provenance = if device == "cpu" {
+        format!("switchyard profile ({} workers, {})", comm.size(), comm.transport())
+    } else {
+        format!("switchyard profile ({} workers, {}, {device})", comm.size(), comm.transport())
+    };
+    let profile = calibrate(&samples, &provenance, Selection::All, &layer, &cluster, &fit).map_err(bad)?;
     Ok(Some(ProfileReport {
         workers: comm.size(),
         transport: comm.transport().to_string(),
+        device,
         config: *cfg,
         gemm,
         copy_gbyte_s,
@@ -453,6 +584,7 @@ mod tests {
             assert_eq!(total, 2 * 64 * 2);
         }
         assert_eq!(rep.comm.len(), 12);
+        assert_eq!(rep.device, "cpu");
         assert!(rep.gemm.iter().all(|g| g.gflops > 0.0));
         assert!(rep.copy_gbyte_s > 0.0 && rep.copy_gbyte_s.is_finite());
         assert!(rep.profile.fit.mape_percent.is_finite());

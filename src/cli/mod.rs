@@ -7,6 +7,7 @@ mod place;
 mod plan;
 mod presets;
 mod profile;
+mod profile_gpu;
 mod progress;
 mod report;
 mod simulate;

@@ -6,16 +6,34 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use switchyard_runtime::comm::rendezvous::RendezvousConfig;
 use switchyard_runtime::profile::{ProfileConfig, ProfileReport, profile};
 
+use super::profile_gpu::{self, GpuWorld, ProfileDevice};
 use super::train::{CommMode, comm_mode};
 
 /// Flags of `switchyard profile`.
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
-    /// Workers: in-process threads (default 2), or MPI ranks (the rank count `mpirun -np N` started).
+    /// Workers: in-process threads (default 2 on the CPU, 1 GPU with --device cuda; one GPU each), MPI ranks
+    /// (the rank count `mpirun -np N` started), or the file rendezvous's world size.
     #[arg(long)]
     workers: Option<usize>,
+    /// Where to measure: cpu (the kernels' GEMM, in-process or MPI workers), cuda (cuBLAS GEMMs, NCCL
+    /// collectives, the GPU layer; one GPU per worker; an error naming what is missing when it cannot), or auto
+    /// (cuda when everything it needs is there, else the CPU, saying why).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GPU ranks started by hand on one node: the directory where they meet (rank 0 publishes the NCCL id
+    /// there). Default: SWITCHYARD_RENDEZVOUS. Needs --rank and --world-size (or their variables).
+    #[arg(long)]
+    rendezvous: Option<PathBuf>,
+    /// This process's rank for --rendezvous (default: SWITCHYARD_RANK).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// The number of ranks for --rendezvous (default: SWITCHYARD_WORLD_SIZE).
+    #[arg(long)]
+    world_size: Option<usize>,
     /// Communicator: local, mpi or auto (as `switchyard train`).
     #[arg(long, default_value = "auto")]
     comm: String,
@@ -58,11 +76,22 @@ pub struct ProfileArgs {
 /// Runs `switchyard profile`.
 pub fn run(a: ProfileArgs) -> Result<()> {
     let mode = comm_mode(&a.comm)?;
-    let workers = match (mode, a.workers) {
-        (CommMode::Local, w) => w.unwrap_or(2),
-        (CommMode::Mpi { size }, None) => size,
-        (CommMode::Mpi { size }, Some(w)) if w == size => w,
-        (CommMode::Mpi { size }, Some(w)) => bail!("--workers {w}: mpirun started {size} ranks; fix: --workers {size}"),
+    let requested: ProfileDevice = a.device.parse()?;
+    let rdv = RendezvousConfig::resolve(a.rank, a.world_size, a.rendezvous.clone(), |k| std::env::var(k).ok())?;
+    let (device, gpu_world) = profile_gpu::choose(requested, mode, rdv, a.workers)?;
+    let workers = match (gpu_world.as_ref().map(GpuWorld::size), mode, a.workers) {
+        (Some(size), _, Some(w)) if w != size => {
+            bail!(
+                "--workers {w}: the GPU world has {size} ranks (mpirun -np or the rendezvous's world size); fix: --workers {size}"
+            )
+        }
+        (Some(size), _, _) => size,
+        (None, CommMode::Local, w) => w.unwrap_or(2),
+        (None, CommMode::Mpi { size }, None) => size,
+        (None, CommMode::Mpi { size }, Some(w)) if w == size => w,
+        (None, CommMode::Mpi { size }, Some(w)) => {
+            bail!("--workers {w}: mpirun started {size} ranks; fix: --workers {size}")
+        }
     };
     if workers == 0 {
         bail!("--workers 0: fix: at least 1 worker");
@@ -100,26 +129,36 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     };
     let timeout = Duration::from_secs_f64(a.timeout_s);
     if !a.json {
-        eprintln!(
-            "profiling {workers} {} (GEMMs, collectives, {} MoE layer samples) ...",
-            if mode == CommMode::Local { "in-process workers" } else { "MPI ranks" },
-            cfg.samples
-        );
+        let what = match (&gpu_world, mode) {
+            (Some(g), _) => g.describe(),
+            (None, CommMode::Local) => "in-process workers".to_string(),
+            (None, CommMode::Mpi { .. }) => "MPI ranks".to_string(),
+        };
+        eprintln!("profiling {workers} {what} on {device} (GEMMs, collectives, {} MoE layer samples) ...", cfg.samples);
     }
-    let report = match mode {
-        CommMode::Local => {
-            let mut results = switchyard_runtime::comm::local::run_local(workers, timeout, |comm| profile(&comm, &cfg));
-            match results.swap_remove(0) {
-                Ok(Some(r)) => r,
-                Ok(None) => bail!("worker 0 returned no report"),
-                Err(e) => bail!("profile failed on worker 0: {e}"),
-            }
-        }
-        CommMode::Mpi { .. } => match profile_on_mpi(&cfg, timeout)? {
+    let report = if let Some(world) = &gpu_world {
+        match profile_gpu::run(world, &cfg, timeout)? {
             Some(r) => r,
             // Rank 0 reports for the job.
             None => return Ok(()),
-        },
+        }
+    } else {
+        match mode {
+            CommMode::Local => {
+                let mut results =
+                    switchyard_runtime::comm::local::run_local(workers, timeout, |comm| profile(&comm, &cfg));
+                match results.swap_remove(0) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => bail!("worker 0 returned no report"),
+                    Err(e) => bail!("profile failed on worker 0: {e}"),
+                }
+            }
+            CommMode::Mpi { .. } => match profile_on_mpi(&cfg, timeout)? {
+                Some(r) => r,
+                // Rank 0 reports for the job.
+                None => return Ok(()),
+            },
+        }
     };
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&report.profile)? + "\n")
@@ -138,10 +177,8 @@ pub fn run(a: ProfileArgs) -> Result<()> {
 }
 
 fn print_report(r: &ProfileReport, out: Option<&std::path::Path>) {
-    println!(
-        "GEMM (one worker, {} threads; m x {} x {}):",
-        r.config.threads_per_worker, r.config.d_ffn, r.config.d_model
-    );
+    let on = if r.device == "cpu" { format!("{} threads", r.config.threads_per_worker) } else { r.device.clone() };
+    println!("GEMM (one worker, {on}; m x {} x {}):", r.config.d_ffn, r.config.d_model);
     for g in &r.gemm {
         println!("  m = {:>5}: {:>7.1} GFLOP/s", g.m, g.gflops);
     }

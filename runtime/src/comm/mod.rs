@@ -1,7 +1,9 @@
 //! Communicators: the collectives the distributed MoE layer, the migrator and the trainer use.
 //!
 //! [`Communicator`] is the one interface; implementations live beside it:
-//! [`local`] (in-process worker threads, the embedded default) and `mpi` (feature `mpi`). A
+//! [`local`] (in-process worker threads, the embedded default), `mpi` (feature `mpi`) and `nccl`
+//! (feature `cuda`, on by default: one process or thread per GPU over NVIDIA's NCCL, loaded at run time;
+//! its bootstrap uses [`rendezvous`], a file rendezvous for one node, or MPI). A
 //! communicator covers a group of ranks; [`Communicator::split`] makes sub-groups (intra-node,
 //! expert-data-parallel, replica groups) and [`hierarchical`] builds the 2D all-to-all from them.
 //!
@@ -10,7 +12,13 @@
 //! [`CommError`] on every rank that waits for it, never a hang.
 //!
 //! Determinism: reductions add contributions in rank order (0, 1, ..., n-1) on every rank, so
-//! every rank gets the same bits and a run is reproducible for a given world size.
+//! every rank gets the same bits and a run is reproducible for a given world size. The NCCL
+//! communicator keeps this (its `all_reduce_sum_*` run the same rank-ordered algorithm over NCCL
+//! point-to-point) and offers NCCL's faster, not rank-ordered all-reduce as separate methods.
+//!
+//! Sends: the local and MPI transports buffer them (a send returns before the receive); NCCL's are
+//! synchronous (a send returns once the peer received), so code meant for every transport pairs each
+//! send with a receive the peer posts without sending first, or uses the collectives.
 
 use std::time::Duration;
 
@@ -18,6 +26,9 @@ pub mod hierarchical;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod rendezvous;
 
 /// What went wrong in a collective. Every variant names the rank that saw it.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
