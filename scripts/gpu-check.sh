@@ -28,5 +28,12 @@ for shape in "--tokens 4096 --d-model 512 --d-ffn 2048 --experts 8 --capacity-fa
 done
 step train-cuda "$bin" train --device cuda --workers 4 --experts 16 --top-k 2 --dyn 10 --steps 50 --seed 7 --json
 step train-cpu "$bin" train --device cpu --workers 4 --experts 16 --top-k 2 --dyn 10 --steps 50 --seed 7 --json
-tail -n 1 "$out/train-cuda.log" "$out/train-cpu.log"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  step train-nccl "$bin" train --device cuda --comm nccl --workers 2 --experts 16 --top-k 2 --dyn 10 --steps 50 --seed 7 --json
+  step train-cuda-2 "$bin" train --device cuda --comm local --workers 2 --experts 16 --top-k 2 --dyn 10 --steps 50 --seed 7 --json
+  step profile-nccl "$bin" profile --device cuda --workers 2 --out "$out/profile-gpu2.json"
+fi
+step profile-gpu "$bin" profile --device cuda --out "$out/profile-gpu.json"
+tail -n 1 "$out"/train-*.log
 exit $status

@@ -181,6 +181,11 @@ fn device_cuda_trains_on_the_gpu_or_names_what_is_missing() {
     };
     let cuda = with("cuda");
     let auto = with("auto");
+    let mut nccl_args = small.to_vec();
+    nccl_args.extend(["--device", "cuda", "--comm", "nccl"]);
+    let nccl = run(&nccl_args);
+    let nccl_err = String::from_utf8_lossy(&nccl.stderr);
+    assert!(!nccl_err.contains("panicked"), "{nccl_err}");
     let err = String::from_utf8_lossy(&cuda.stderr);
     let summary = |o: &Output| -> serde_json::Value {
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")).unwrap()
@@ -193,6 +198,8 @@ fn device_cuda_trains_on_the_gpu_or_names_what_is_missing() {
     } else {
         eprintln!("no usable GPU here: checking the messages of --device cuda and auto instead of a GPU run");
         assert!(!cuda.status.success(), "--device cuda succeeded without a GPU");
+        assert!(!nccl.status.success(), "--comm nccl succeeded without a GPU");
+        assert!(nccl_err.contains("--device cuda"), "{nccl_err}");
         assert!(err.contains("--device cuda") && (err.contains("fix") || err.contains("--device cpu")), "{err}");
         assert!(!err.contains("panicked"), "{err}");
         assert_eq!(summary(&auto)["device"], "cpu");

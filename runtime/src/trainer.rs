@@ -378,6 +378,39 @@ pub fn train_local(
     if errs.is_empty() { Ok(ok) } else { Err(errs) }
 }
 
+/// Runs the training on `cfg.workers` in-process threads, one per GPU, exchanging through NCCL
+/// ([`crate::comm::nccl::NcclComm`]): worker `r` drives GPU `r` and runs its experts there (`cfg.device` must be
+/// [`TrainDevice::Cuda`]). The same loop as [`train_local`] on another communicator; its rank-ordered sums give
+/// the same bits as the other transports, the expert GEMMs on the GPU the usual ~1e-5. Returns every worker's
+/// result, or the first error of each failed worker (e.g. what is missing: driver, GPUs, libnccl).
+#[cfg(feature = "cuda")]
+pub fn train_nccl_threads(
+    cfg: &TrainConfig,
+    on_step: &(dyn Fn(&StepMetrics) + Sync),
+) -> Result<Vec<WorkerResult>, Vec<(usize, RuntimeError)>> {
+    if let Err(e) = cfg.validate() {
+        return Err(vec![(0, e)]);
+    }
+    if cfg.device != TrainDevice::Cuda {
+        let reason = "NCCL moves data between GPUs: the experts must run on them; fix: --device cuda";
+        return Err(vec![(0, RuntimeError::invalid("--comm nccl", reason))]);
+    }
+    if let Err(e) = crate::comm::nccl::probe().check() {
+        return Err(vec![(0, RuntimeError::Device { step: "loading NCCL", reason: e })]);
+    }
+    let timeout = Duration::from_secs_f64(cfg.timeout_s);
+    let results = crate::comm::nccl::run_threads(cfg.workers, timeout, |comm| worker_main(&comm, cfg, on_step));
+    let mut ok = Vec::new();
+    let mut errs = Vec::new();
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => errs.push((rank, e)),
+        }
+    }
+    if errs.is_empty() { Ok(ok) } else { Err(errs) }
+}
+
 /// Runs the training as one MPI rank of a job started by `mpirun -np N` (N = `cfg.workers`); `on_step` sees
 /// rank 0's metrics as they come. Returns this rank's number and result. A rank whose own work fails (not a
 /// peer's failure) tells every other rank at once, so the whole job ends with the error instead of waiting out

@@ -234,3 +234,29 @@ fn gpu_experts_train_like_the_cpu() {
         }
     }
 }
+
+/// `train_nccl_threads`: the same training as in-process workers with the experts on the same GPUs, bit for bit
+/// (the NCCL communicator's sums are the rank-ordered ones of the other transports). Needs two GPUs and libnccl;
+/// skipped with the reason otherwise (after checking that the missing piece is reported as an error).
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_workers_train_like_local_workers_on_the_same_gpus() {
+    use switchyard_runtime::trainer::{TrainDevice, train_nccl_threads};
+    let cfg = TrainConfig { device: TrainDevice::Cuda, ..small(2, 5, 2, 6) };
+    let gpus = switchyard_kernels::cuda::probe().device_count();
+    let nccl = switchyard_runtime::comm::nccl::probe();
+    if gpus < 2 || nccl.check().is_err() {
+        assert!(std::env::var("SWITCHYARD_REQUIRE_GPU").as_deref() != Ok("1") || gpus < 2, "{}", nccl.summary());
+        let errs = train_nccl_threads(&cfg, &|_| {}).unwrap_err();
+        assert!(!errs.is_empty());
+        eprintln!("skipped the NCCL training comparison: {gpus} GPU(s), {}", nccl.summary());
+        return;
+    }
+    let cpu_device = train_nccl_threads(&TrainConfig { device: TrainDevice::Cpu, ..cfg.clone() }, &|_| {});
+    assert!(cpu_device.is_err(), "--comm nccl with CPU experts must be refused");
+    let local = run(&cfg);
+    let mut nccl_run = train_nccl_threads(&cfg, &|_| {}).unwrap_or_else(|e| panic!("nccl run failed: {e:?}"));
+    let nccl_run = nccl_run.swap_remove(0);
+    assert_eq!(local.summary.param_checksum, nccl_run.summary.param_checksum);
+    assert_eq!(local.summary.switches, nccl_run.summary.switches);
+}

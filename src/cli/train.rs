@@ -20,7 +20,8 @@ pub struct TrainArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Communicator: local (in-process worker threads), mpi (this process is one rank of `mpirun -np N`; needs
-    /// a build with `--features mpi`) or auto (mpi when started by mpirun in a build with MPI, else local).
+    /// a build with `--features mpi`), nccl (in-process workers, one per GPU, exchanging through NCCL; needs
+    /// --device cuda and libnccl) or auto (mpi when started by mpirun in a build with MPI, else local).
     #[arg(long, default_value = "auto")]
     comm: String,
     /// Logical experts per MoE layer.
@@ -294,9 +295,17 @@ fn train_device(device: &str) -> Result<(TrainDevice, Option<String>)> {
 
 /// Runs `switchyard train`.
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mode = comm_mode(&a.comm)?;
+    // `--comm nccl`: in-process workers, one per GPU, exchanging through NCCL.
+    let nccl = a.comm == "nccl";
+    let mode = if nccl { CommMode::Local } else { comm_mode(&a.comm)? };
     let mut cfg = config(&a, mode)?;
     let (device, note) = train_device(&a.device)?;
+    if nccl && device != TrainDevice::Cuda {
+        bail!(
+            "--comm nccl: NCCL moves data between GPUs, but the experts would run on the CPU (--device {}); fix: --device cuda on a machine with GPUs, or --comm local",
+            a.device
+        );
+    }
     cfg.device = device;
     if let Some(n) = note.filter(|_| mode == CommMode::Local || mpi_rank().is_none_or(|r| r == 0)) {
         eprintln!("{n}");
@@ -318,6 +327,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     let result = match mode {
+        CommMode::Local if nccl => {
+            switchyard_runtime::trainer::train_nccl_threads(&cfg, &on_step).map(|mut r| r.swap_remove(0))
+        }
         CommMode::Local => switchyard_runtime::trainer::train_local(&cfg, &on_step).map(|mut r| r.swap_remove(0)),
         CommMode::Mpi { .. } => {
             let (rank, r) = train_on_mpi(&cfg, &on_step)?;
@@ -365,7 +377,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "trained {} steps on {} {} ({} experts, top-{}, {} slots/worker, {} with {})",
             summary.steps,
             summary.workers,
-            if mode == CommMode::Local { "in-process workers" } else { "MPI ranks" },
+            match mode {
+                CommMode::Local if nccl => "in-process workers over NCCL",
+                CommMode::Local => "in-process workers",
+                CommMode::Mpi { .. } => "MPI ranks",
+            },
             cfg.experts,
             cfg.top_k,
             cfg.slots_per_worker,
