@@ -8,7 +8,8 @@
 //!   by [`super::measure_collectives`] like the CPU ones.
 //! - Layer samples: the single-GPU MoE layer of the kernels ([`CudaMoeLayer`], forward + backward, all
 //!   experts on the worker's GPU) under the CPU path's routing skews; each sample is the slowest worker's
-//!   time and carries a one-GPU load matrix. The runtime has no distributed GPU layer yet, so the samples
+//!   time and carries a one-GPU load matrix. The runtime's distributed layer with GPU experts (`train --device cuda`)
+//!   still exchanges tokens through host memory, so it would time host staging rather than the GPU links: the samples
 //!   calibrate the per-expert and per-layer fixed costs and the GEMM efficiency; the links come from the NCCL
 //!   line as measured (their achieved fraction is not fitted).
 
