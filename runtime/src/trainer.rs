@@ -366,13 +366,24 @@ pub fn train_local(
     }
     let timeout = Duration::from_secs_f64(cfg.timeout_s);
     let results = crate::comm::local::run_local(cfg.workers, timeout, |comm| worker_main(&comm, cfg, on_step));
+    split_results(results.into_iter().enumerate().map(|(rank, r)| {
+        r.map_err(|e| match e {
+            WorkerError::Failed(e) => e,
+            e => RuntimeError::Worker { rank, reason: e.to_string() },
+        })
+    }))
+}
+
+/// Every worker's result in rank order, or the error of each failed worker.
+fn split_results(
+    results: impl Iterator<Item = Result<WorkerResult, RuntimeError>>,
+) -> Result<Vec<WorkerResult>, Vec<(usize, RuntimeError)>> {
     let mut ok = Vec::new();
     let mut errs = Vec::new();
-    for (rank, r) in results.into_iter().enumerate() {
+    for (rank, r) in results.enumerate() {
         match r {
             Ok(v) => ok.push(v),
-            Err(WorkerError::Failed(e)) => errs.push((rank, e)),
-            Err(e) => errs.push((rank, RuntimeError::Worker { rank, reason: e.to_string() })),
+            Err(e) => errs.push((rank, e)),
         }
     }
     if errs.is_empty() { Ok(ok) } else { Err(errs) }
@@ -395,20 +406,11 @@ pub fn train_nccl_threads(
         let reason = "NCCL moves data between GPUs: the experts must run on them; fix: --device cuda";
         return Err(vec![(0, RuntimeError::invalid("--comm nccl", reason))]);
     }
-    if let Err(e) = crate::comm::nccl::probe().check() {
-        return Err(vec![(0, RuntimeError::Device { step: "loading NCCL", reason: e })]);
-    }
+    // A missing libnccl or GPU: every worker's error says which (the NCCL id or communicator cannot be made).
     let timeout = Duration::from_secs_f64(cfg.timeout_s);
-    let results = crate::comm::nccl::run_threads(cfg.workers, timeout, |comm| worker_main(&comm, cfg, on_step));
-    let mut ok = Vec::new();
-    let mut errs = Vec::new();
-    for (rank, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e) => errs.push((rank, e)),
-        }
-    }
-    if errs.is_empty() { Ok(ok) } else { Err(errs) }
+    split_results(
+        crate::comm::nccl::run_threads(cfg.workers, timeout, |comm| worker_main(&comm, cfg, on_step)).into_iter(),
+    )
 }
 
 /// Runs the training as one MPI rank of a job started by `mpirun -np N` (N = `cfg.workers`); `on_step` sees
@@ -454,14 +456,8 @@ fn expert_device(device: TrainDevice, rank: usize) -> Result<crate::moe::ExpertD
         TrainDevice::Cpu => Ok(crate::moe::ExpertDevice::Cpu),
         #[cfg(feature = "cuda")]
         TrainDevice::Cuda => {
-            let probe = switchyard_kernels::cuda::probe();
-            let n = probe.device_count();
-            if n == 0 {
-                // The probe's own message names what is missing (driver, device) and the fix.
-                probe
-                    .check(0)
-                    .map_err(|e| RuntimeError::Device { step: "choosing the GPU", reason: e.to_string() })?;
-            }
+            // With no GPU, opening GPU 0 reports what is missing (driver, device) and the fix.
+            let n = switchyard_kernels::cuda::probe().device_count();
             crate::moe::ExpertDevice::open_cuda(rank % n.max(1))
         }
         #[cfg(not(feature = "cuda"))]

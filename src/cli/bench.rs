@@ -417,9 +417,9 @@ fn kernels(a: KernelsBenchArgs) -> Result<()> {
         torch_python: a.torch_python.clone(),
         ..KernelBenchConfig::default()
     };
-    use switchyard_kernels::cuda::{Device, DeviceRequest, select};
-    let request: DeviceRequest = a.device.parse().map_err(|e: String| anyhow::anyhow!("--device {}: {e}", a.device))?;
-    let choice = select(request).map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
+    use switchyard_kernels::cuda::{Device, DeviceRequest};
+    let request = super::device::parse(&a.device)?;
+    let choice = super::device::choose(&a.device, request)?;
     if let Device::Cuda(n) = choice.device {
         if a.torch_python.is_some() {
             anyhow::bail!(
@@ -457,7 +457,7 @@ fn kernels(a: KernelsBenchArgs) -> Result<()> {
         return Ok(());
     }
     if request == DeviceRequest::Auto {
-        let why = choice.reason.trim_start_matches("running on the CPU: ");
+        let why = super::device::cpu_reason(&choice);
         eprintln!("--device auto: no usable GPU, measuring the CPU ({why})");
     }
     let r = run_kernel_bench(&cfg)?;

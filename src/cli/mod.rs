@@ -3,6 +3,7 @@
 mod bench;
 mod bench_runtime;
 mod calibrate;
+mod device;
 mod place;
 mod plan;
 mod presets;

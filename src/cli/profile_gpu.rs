@@ -82,11 +82,6 @@ fn local_rank(world_rank: usize) -> Result<usize> {
     Ok(local_rank_from_env(|k| std::env::var(k).ok()).map_err(|e| anyhow!(e))?.unwrap_or(world_rank))
 }
 
-/// The rank of this process in an MPI job (for its GPU when no launcher names the node-local rank).
-fn mpi_world_rank() -> Option<usize> {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
-}
-
 /// Decides where the profile runs: the device's name for the progress line and, on GPUs, the world. `cuda`
 /// fails with what is missing and the fix; `auto` falls back to the CPU and says why on stderr.
 pub(super) fn choose(
@@ -115,7 +110,9 @@ pub(super) fn choose(
             let ordinal = local_rank(rdv.rank)?;
             GpuWorld::File { rdv, ordinal }
         }
-        (None, CommMode::Mpi { size }) => GpuWorld::Mpi { size, ordinal: local_rank(mpi_world_rank().unwrap_or(0))? },
+        (None, CommMode::Mpi { size }) => {
+            GpuWorld::Mpi { size, ordinal: local_rank(super::train::mpi_rank().unwrap_or(0))? }
+        }
         (None, CommMode::Local) => GpuWorld::Threads { workers: workers.unwrap_or(1) },
     };
     if world.size() == 0 {

@@ -264,8 +264,8 @@ fn parse_dispatch(s: &str) -> Result<Vec<switchyard_cost::DispatchMode>> {
 
 /// `--device`: where the expert FFNs run, and the line to print when `auto` chose (or fell back).
 fn train_device(device: &str) -> Result<(TrainDevice, Option<String>)> {
-    use switchyard_kernels::cuda::{Device, DeviceRequest, select};
-    let request: DeviceRequest = device.parse().map_err(|e: String| anyhow::anyhow!("--device {device}: {e}"))?;
+    use switchyard_kernels::cuda::{Device, DeviceRequest};
+    let request = super::device::parse(device)?;
     match request {
         DeviceRequest::Cuda(n) if n > 0 => bail!(
             "--device {device}: the trainer picks each worker's GPU itself (worker r uses GPU r mod count); fix: --device cuda"
@@ -273,13 +273,13 @@ fn train_device(device: &str) -> Result<(TrainDevice, Option<String>)> {
         _ => {}
     }
     let auto = request == DeviceRequest::Auto;
-    let choice = select(request).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+    let choice = super::device::choose(device, request)?;
     Ok(match choice.device {
         Device::Cpu if auto => (
             TrainDevice::Cpu,
             Some(format!(
                 "--device auto: no usable GPU, the experts run on the CPU ({})",
-                choice.reason.trim_start_matches("running on the CPU: ")
+                super::device::cpu_reason(&choice)
             )),
         ),
         Device::Cpu => (TrainDevice::Cpu, None),
@@ -450,7 +450,7 @@ fn train_on_mpi(
 }
 
 /// This process's rank in the MPI job that started it, from the launcher's environment.
-fn mpi_rank() -> Option<usize> {
+pub(super) fn mpi_rank() -> Option<usize> {
     ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"].iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 

@@ -51,11 +51,10 @@ impl ExpertDevice {
         !matches!(self, ExpertDevice::Cpu)
     }
 
-    /// Opens CUDA device `ordinal` for a worker. Checks first that the driver, the device, NVRTC
-    /// and cuBLAS are there (never panics without them): an error naming what is missing and the fix.
+    /// Opens CUDA device `ordinal` for a worker. [`CudaDevice::open`] checks first that the driver, the
+    /// device, NVRTC and cuBLAS are there (never panics without them): an error naming what is missing and the fix.
     #[cfg(feature = "cuda")]
     pub fn open_cuda(ordinal: usize) -> Result<Self, RuntimeError> {
-        switchyard_kernels::cuda::probe().check(ordinal).map_err(cuda_err("opening the GPU"))?;
         Ok(ExpertDevice::Cuda(Arc::new(CudaDevice::open(ordinal).map_err(cuda_err("opening the GPU"))?)))
     }
 }
@@ -99,18 +98,18 @@ pub fn experts_forward(
     run: &mut ExpertRun,
     output: &mut Vec<f32>,
 ) -> Result<(), RuntimeError> {
+    // The backward runs where this forward ran: on the GPU only when it leaves its buffers here.
+    #[cfg(feature = "cuda")]
+    {
+        run.gpu = None;
+    }
     match device {
         ExpertDevice::Cpu => {
-            #[cfg(feature = "cuda")]
-            {
-                run.gpu = None;
-            }
             switchyard_kernels::experts_forward(cx, params, input, offsets, &mut run.cache, output)?;
             Ok(())
         }
         #[cfg(feature = "cuda")]
         ExpertDevice::Cuda(dev) => {
-            run.gpu = None;
             let rows = offsets.last().copied().unwrap_or(0);
             // Nothing to compute (or nothing to compute with): the CPU kernels check and size the output.
             if rows == 0 || params.experts == 0 {
