@@ -10,6 +10,7 @@ pub mod search;
 pub mod simulate;
 pub mod space;
 pub mod trace;
+pub mod window;
 
 pub use search::{RankedPlan, SearchOptions, SearchResult, search};
 pub use space::SpaceOptions;

@@ -5,8 +5,9 @@
 use serde::Serialize;
 use switchyard_cost::{LoadMatrix, Placement};
 
-use crate::online::{Decision, LayerContext, PolicyConfig, PolicyState, decide};
+use crate::online::{Decision, LayerContext, PolicyConfig, PolicyState, decide_windows};
 use crate::trace::Trace;
+use crate::window::LoadWindow;
 
 /// How a simulation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -112,17 +113,26 @@ pub fn simulate(
     let mut state = PolicyState::default();
     let mut records = Vec::with_capacity(n);
     let mut imbs = Vec::new();
+    let mut windows: Vec<LoadWindow> = (0..trace.layers)
+        .map(|l| LoadWindow::new(opts.policy.predictor, ctx.get(l).map_or(1, |c| c.gpus_per_node)))
+        .collect();
+    let mut seen = 0;
     for i in 0..n {
         let snap = &trace.snapshots[i];
         let span =
             if i + 1 < n { trace.snapshots[i + 1].iteration.saturating_sub(snap.iteration).max(1) } else { interval };
         let since =
             if i == 0 { interval } else { snap.iteration.saturating_sub(trace.snapshots[i - 1].iteration).max(1) };
-        // History visible to the policy: past snapshots, plus this one for an oracle.
+        // History visible to the policy: past snapshots, plus this one for an oracle; each window takes in
+        // what it has not seen yet.
         let upto = if opts.oracle { i + 1 } else { i };
-        let history: Vec<Vec<&LoadMatrix>> =
-            (0..trace.layers).map(|l| trace.snapshots[..upto].iter().map(|s| &s.layers[l]).collect()).collect();
-        let d: Decision = decide(&opts.policy, &mut state, snap.iteration, since, &history, &current, ctx);
+        for s in &trace.snapshots[seen..upto] {
+            for (w, m) in windows.iter_mut().zip(&s.layers) {
+                w.push(m);
+            }
+        }
+        seen = upto;
+        let d: Decision = decide_windows(&opts.policy, &mut state, snap.iteration, since, &windows, &current, ctx);
         if d.switch {
             current = d.placements;
         }

@@ -224,7 +224,7 @@ impl ExpertRuntime {
                 device: crate::moe::ExpertDevice::Cpu,
             });
         }
-        let switcher = policy.filter(|_| world.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx, 64));
+        let switcher = policy.filter(|_| world.rank() == 0).map(|(cfg, ctx)| Switcher::new(cfg, ctx));
         Ok(Self {
             saved: (0..shape.layers).map(|_| MoeSaved::default()).collect(),
             grads: (0..shape.layers).map(|_| MoeLayerGrads::default()).collect(),
@@ -427,7 +427,7 @@ impl ExpertRuntime {
         let t2 = Instant::now();
         let mut msg = Vec::new();
         if let Some(sw) = self.switcher.as_mut() {
-            sw.record(rep.loads.clone());
+            sw.record(&rep.loads);
             let current = self.layers.iter().map(|l| l.placement.clone()).collect::<Vec<_>>();
             let d = sw.decide(iteration, &current);
             let payload = Broadcast {

@@ -259,8 +259,9 @@ fn synthetic_loads(experts: usize, gpus: usize, layer: usize, step: u64) -> swit
 fn decision(a: DecisionBenchArgs) -> Result<()> {
     use switchyard_cost::cost::MoeLayerShape;
     use switchyard_planner::online::{
-        Algorithm, Frequency, LayerContext, PolicyConfig, PolicyState, Predictor, decide,
+        Algorithm, Frequency, LayerContext, PolicyConfig, PolicyState, Predictor, decide_windows,
     };
+    use switchyard_planner::window::LoadWindow;
     let cluster = switchyard_cost::presets::cluster("dgx-h100")
         .expect("preset")
         .with_gpus(a.gpus as u32, &switchyard_cost::Source::Inline)?;
@@ -280,18 +281,42 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
     let ctx = vec![ctx1; a.layers];
     let history: Vec<Vec<switchyard_cost::LoadMatrix>> =
         (0..a.layers).map(|l| (0..4).map(|k| synthetic_loads(a.experts, a.gpus, l, k)).collect()).collect();
-    let hist: Vec<Vec<&switchyard_cost::LoadMatrix>> = history.iter().map(|h| h.iter().collect()).collect();
+    // Each layer's window as the runtime keeps it: the predictor's running sums, updated as loads are sampled.
+    let predictor = Predictor::WindowMean { window: 4 };
+    let windows: Vec<LoadWindow> = history
+        .iter()
+        .map(|h| {
+            let mut w = LoadWindow::new(predictor, 8);
+            for m in h {
+                w.push(m);
+            }
+            w
+        })
+        .collect();
+    // Sampling: one more iteration's loads into every layer's full window (one matrix in, the oldest out).
+    let next: Vec<switchyard_cost::LoadMatrix> =
+        (0..a.layers).map(|l| synthetic_loads(a.experts, a.gpus, l, 4)).collect();
+    let (sample_ms, _, _) = median(
+        (0..a.repeat.max(1))
+            .map(|_| {
+                let mut ws = windows.clone();
+                let t = Instant::now();
+                for (w, m) in ws.iter_mut().zip(&next) {
+                    w.push(m);
+                }
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                std::hint::black_box(ws);
+                ms
+            })
+            .collect(),
+    );
     let current: Vec<switchyard_cost::Placement> = (0..a.layers)
         .map(|_| switchyard_cost::Placement::contiguous(a.gpus, slots, a.experts))
         .collect::<Result<_, _>>()?;
-    let cfg = PolicyConfig {
-        algorithm: Algorithm::Switchyard,
-        frequency: Frequency::Every { n: 10 },
-        predictor: Predictor::WindowMean { window: 4 },
-    };
+    let cfg = PolicyConfig { algorithm: Algorithm::Switchyard, frequency: Frequency::Every { n: 10 }, predictor };
     let run = || {
         let t = Instant::now();
-        let d = decide(&cfg, &mut PolicyState::default(), 100, 10, &hist, &current, &ctx);
+        let d = decide_windows(&cfg, &mut PolicyState::default(), 100, 10, &windows, &current, &ctx);
         (t.elapsed().as_secs_f64() * 1e3, d)
     };
     let (first_ms, d) = run();
@@ -366,7 +391,7 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
         "decision_median_ms": med, "decision_min_ms": min, "decision_max_ms": max, "first_run_ms": first_ms,
         "threads": rayon::current_num_threads(), "decision_one_thread_median_ms": one_med,
         "placement_only_median_ms": place_ms.0, "switch": d.switch, "gain_ms_per_iter": d.gain_ms_per_iter,
-        "migration_ms": d.migration_ms, "target_ms": 5.0,
+        "migration_ms": d.migration_ms, "target_ms": 5.0, "sampling_ms_per_iteration": sample_ms,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -393,6 +418,9 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
         println!(
             "  EPLB on the same loads (placement only): global {:.2} ms, hierarchical {:.2} ms",
             eplb_global_ms.0, eplb_hier_ms.0
+        );
+        println!(
+            "  sampling (each iteration, all layers: the loads into the predictor's running sums): {sample_ms:.2} ms"
         );
         println!(
             "  predicted gain {:.2} ms per iteration against a {:.2} ms migration: switch = {}",

@@ -13,10 +13,12 @@ pub mod iteration;
 pub mod memory;
 pub mod moe;
 pub mod pipeline;
+pub mod summed;
 pub mod tables;
 
 pub use fabric::{Fabric, LinkInfo};
 pub use iteration::{IterationCost, MoeLoadProfile, TimeBreakdown, price_plan};
 pub use memory::{MemoryBreakdown, memory_per_gpu};
 pub use moe::{MoeLayerShape, MoeLayerTime, moe_layer_exact};
+pub use summed::{SummedLoad, moe_layer_summed};
 pub use tables::ModelTables;

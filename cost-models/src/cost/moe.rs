@@ -207,10 +207,7 @@ struct PriceScratch {
     cnt: Vec<u32>,
     share: Vec<f64>,
     to_gpu: Vec<f64>,
-    starts: Vec<usize>,
-    fill: Vec<usize>,
-    members: Vec<u32>,
-    sets: Vec<(usize, usize)>,
+    sync: SyncScratch,
     a2a: A2aScratch,
     a2a_t: A2aScratch,
 }
@@ -244,28 +241,8 @@ fn price_with(
     let share = &mut w.share;
     share.clear();
     share.extend((0..ns).map(|slot| placement.share(slot, cnt)));
-    // Compute per GPU: each slot runs its share of its expert's tokens.
-    let mut gpu_time = vec![0.0; ng];
-    let mut gpu_tokens = vec![0.0; ng];
-    let rates = DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s };
-    let fixed = 2.0 * c.per_expert_overhead_us * 1e-6;
-    for (slot, (&e, &sh)) in placement.slots.iter().zip(share.iter()).enumerate() {
-        let g = slot / spg;
-        let tokens = load.loads[e as usize] * sh;
-        if tokens <= 0.0 {
-            continue;
-        }
-        let (f, b) = ffn_time_s(tokens, d, shape.d_ffn as f64, shape.gated, shape.act_bytes as f64, rates, c);
-        gpu_time[g] += f + b + fixed;
-        gpu_tokens[g] += tokens;
-    }
-    // Local permutation on each source GPU: gather its tokens into per-expert buffers and scatter the results
-    // back (read + write, dispatch + combine, forward + backward), memory-bound.
-    for (t, &own) in gpu_time.iter_mut().zip(&load.own) {
-        *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
-    }
-    let (busiest_gpu, compute_s) =
-        gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
+    let (gpu_time, gpu_tokens) =
+        gpu_compute_s(shape, fabric, c, placement, share, |x| load.loads[x], load.own.iter().copied());
     // Dispatch bytes s -> g (each source's tokens to each GPU, as [`traffic_tokens`] counts them) and the
     // combine's reverse; backward repeats both.
     let ab = shape.act_bytes as f64;
@@ -296,6 +273,97 @@ fn price_with(
     // sends 2 (r-1)/r of the gradient over its link; a ring that spans k nodes crosses each of them once in and
     // once out, so each spanned node's NICs carry 2 (r-1)/r of the gradient per such expert.
     let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
+    let sync_s = replica_sync_of(placement, cnt, gpus, grad_bytes, fabric, &mut w.sync);
+    Ok(layer_time(gpu_time, gpu_tokens, a2a_s, sync_s, c))
+}
+
+/// The layer's time from its parts: per-GPU compute (s) and tokens, the all-to-all and replica sync times (s).
+pub(super) fn layer_time(
+    mut gpu_time: Vec<f64>,
+    gpu_tokens: Vec<f64>,
+    a2a_s: f64,
+    sync_s: f64,
+    c: &ModelConstants,
+) -> MoeLayerTime {
+    let (busiest_gpu, compute_s) =
+        gpu_time.iter().copied().enumerate().fold((0, 0.0), |acc, (i, t)| if t > acc.1 { (i, t) } else { acc });
+    let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
+    let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
+    let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
+    for t in gpu_time.iter_mut() {
+        *t *= 1e3;
+    }
+    MoeLayerTime {
+        compute_ms: compute_s * 1e3,
+        all_to_all_ms: a2a_s * 1e3,
+        replica_sync_ms: sync_s * 1e3,
+        overhead_ms: overhead_s * 1e3,
+        total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
+        busiest_gpu,
+        gpu_tokens,
+        gpu_compute_ms: gpu_time,
+        imbalance,
+    }
+}
+
+/// Compute time (s, forward + backward) and tokens of each GPU: each slot runs its share (`share[slot]`) of its
+/// expert's tokens (`expert_tokens(x)`), and each source GPU permutes its own routed tokens (`own`, one per
+/// GPU, in order) locally (gather into per-expert buffers and scatter back: read + write, dispatch + combine,
+/// forward + backward, memory-bound).
+pub(super) fn gpu_compute_s(
+    shape: &MoeLayerShape,
+    fabric: &Fabric,
+    c: &ModelConstants,
+    placement: &Placement,
+    share: &[f64],
+    expert_tokens: impl Fn(usize) -> f64,
+    own: impl Iterator<Item = f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let d = shape.d_model as f64;
+    let ng = placement.gpus;
+    let spg = placement.slots_per_gpu.max(1);
+    // Compute per GPU: each slot runs its share of its expert's tokens.
+    let mut gpu_time = vec![0.0; ng];
+    let mut gpu_tokens = vec![0.0; ng];
+    let rates = DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s };
+    let fixed = 2.0 * c.per_expert_overhead_us * 1e-6;
+    for (slot, (&e, &sh)) in placement.slots.iter().zip(share.iter()).enumerate() {
+        let g = slot / spg;
+        let tokens = expert_tokens(e as usize) * sh;
+        if tokens <= 0.0 {
+            continue;
+        }
+        let (f, b) = ffn_time_s(tokens, d, shape.d_ffn as f64, shape.gated, shape.act_bytes as f64, rates, c);
+        gpu_time[g] += f + b + fixed;
+        gpu_tokens[g] += tokens;
+    }
+    for (t, own) in gpu_time.iter_mut().zip(own) {
+        *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
+    }
+    (gpu_time, gpu_tokens)
+}
+
+/// Buffers of [`replica_sync_of`], reused between calls on one thread.
+#[derive(Default)]
+pub(super) struct SyncScratch {
+    starts: Vec<usize>,
+    fill: Vec<usize>,
+    members: Vec<u32>,
+    sets: Vec<(usize, usize)>,
+}
+
+/// [`replica_sync_time_s`] of the replicated experts of `placement` (`cnt`: its replica counts; `gpus`: the global
+/// index of each of its GPUs), each reducing `grad_bytes`, on reused buffers.
+pub(super) fn replica_sync_of(
+    placement: &Placement,
+    cnt: &[u32],
+    gpus: &[u32],
+    grad_bytes: f64,
+    fabric: &Fabric,
+    w: &mut SyncScratch,
+) -> f64 {
+    let spg = placement.slots_per_gpu.max(1);
+    let ns = placement.slots.len();
     // The distinct GPUs of each replicated expert, in increasing global index, one set after another.
     let starts = &mut w.starts;
     starts.clear();
@@ -330,24 +398,7 @@ fn price_with(
         }
     }
     let members = &*members;
-    let sync_s = replica_sync_sets(sets.iter().map(|&(a, b)| &members[a..b]), grad_bytes, fabric);
-    let overhead_s = 2.0 * c.moe_layer_overhead_us * 1e-6;
-    let mean = gpu_tokens.iter().sum::<f64>() / gpu_tokens.len().max(1) as f64;
-    let imbalance = if mean > 0.0 { gpu_tokens.iter().copied().fold(0.0, f64::max) / mean } else { 1.0 };
-    for t in gpu_time.iter_mut() {
-        *t *= 1e3;
-    }
-    Ok(MoeLayerTime {
-        compute_ms: compute_s * 1e3,
-        all_to_all_ms: a2a_s * 1e3,
-        replica_sync_ms: sync_s * 1e3,
-        overhead_ms: overhead_s * 1e3,
-        total_ms: (compute_s + a2a_s + sync_s + overhead_s) * 1e3,
-        busiest_gpu,
-        gpu_tokens,
-        gpu_compute_ms: gpu_time,
-        imbalance,
-    })
+    replica_sync_sets(sets.iter().map(|&(a, b)| &members[a..b]), grad_bytes, fabric)
 }
 
 /// [`super::comm::all_to_all_time_s`] of a square byte matrix (row-major, `bytes[s * g + d]` from `s` to `d`) and of its
@@ -424,21 +475,23 @@ pub fn all_to_all_sparse_time_s(
 }
 
 /// Where each GPU of an all-to-all sits and what its links carry ([`all_to_all_both_ways_with`]).
-struct A2aLinks {
-    nix: Vec<usize>,
+pub(super) struct A2aLinks {
+    /// Node (an index into the group's distinct nodes) of each GPU of the group.
+    pub(super) nix: Vec<usize>,
     intra_bw: Vec<f64>,
     inter_bw: Vec<f64>,
     k: f64,
-    nodes: usize,
+    /// Distinct nodes of the group.
+    pub(super) nodes: usize,
 }
 
 /// Bytes each GPU sends and receives within its node and each node sends and receives across nodes.
 #[derive(Default)]
-struct A2aScratch {
-    intra_send: Vec<f64>,
-    intra_recv: Vec<f64>,
-    inter_send: Vec<f64>,
-    inter_recv: Vec<f64>,
+pub(super) struct A2aScratch {
+    pub(super) intra_send: Vec<f64>,
+    pub(super) intra_recv: Vec<f64>,
+    pub(super) inter_send: Vec<f64>,
+    pub(super) inter_recv: Vec<f64>,
 }
 
 impl A2aScratch {
@@ -452,7 +505,7 @@ impl A2aScratch {
     }
 
     /// All tallies zero, for `gpus` GPUs on `nodes` nodes.
-    fn reset(&mut self, gpus: usize, nodes: usize) {
+    pub(super) fn reset(&mut self, gpus: usize, nodes: usize) {
         for (v, n) in [
             (&mut self.intra_send, gpus),
             (&mut self.intra_recv, gpus),
@@ -467,7 +520,7 @@ impl A2aScratch {
 
 impl A2aLinks {
     /// The node of each GPU (an index into the sorted distinct nodes) and the link figures of each node.
-    fn new(gpus: &[u32], fabric: &Fabric) -> A2aLinks {
+    pub(super) fn new(gpus: &[u32], fabric: &Fabric) -> A2aLinks {
         let node_of: Vec<u32> = gpus.iter().map(|&x| fabric.node_of(x)).collect();
         let mut nodes = node_of.clone();
         nodes.sort_unstable();
@@ -580,7 +633,7 @@ impl A2aLinks {
     }
 
     /// The time from the tallies, as [`super::comm::all_to_all_time_s`] takes it.
-    fn finish(
+    pub(super) fn finish(
         &self,
         w: &A2aScratch,
         (max_peers_intra, max_peers_inter): (usize, usize),
