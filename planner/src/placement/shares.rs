@@ -381,19 +381,35 @@ pub(crate) fn gpu_loads(p: &Placement, loads: &[f64]) -> Vec<f64> {
     if p.slots_per_gpu == 0 {
         return vec![0.0; p.gpus];
     }
-    let cnt = p.replica_counts();
     let spg = p.slots_per_gpu;
-    p.slots
-        .chunks_exact(spg)
-        .enumerate()
-        .map(|(g, xs)| {
-            let mut t = 0.0;
-            for (j, &x) in xs.iter().enumerate() {
-                t += loads[x as usize] * p.share(g * spg + j, &cnt);
-            }
-            t
-        })
-        .collect()
+    // `Placement::share` written out: the same quotients.
+    match &p.shares {
+        Some(shares) => p
+            .slots
+            .chunks_exact(spg)
+            .zip(shares.chunks_exact(spg))
+            .map(|(xs, sh)| {
+                let mut t = 0.0;
+                for (&x, &s) in xs.iter().zip(sh) {
+                    t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
+                }
+                t
+            })
+            .collect(),
+        None => {
+            let cnt = p.replica_counts();
+            p.slots
+                .chunks_exact(spg)
+                .map(|xs| {
+                    let mut t = 0.0;
+                    for &x in xs {
+                        t += loads[x as usize] * (1.0 / cnt[x as usize] as f64);
+                    }
+                    t
+                })
+                .collect()
+        }
+    }
 }
 
 /// Each expert's slots in slot order, as one array cut per expert, and each slot's GPU.

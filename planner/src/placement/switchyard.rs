@@ -429,16 +429,22 @@ fn repair_with_counts(loads: &[f64], want: &[u32], current: &Placement, opts: &S
     let e = current.experts;
     let s = current.slots_per_gpu;
     let have = current.replica_counts();
-    let mut slots = current.slots.clone();
+    // Freed slots: surplus replicas, taken from the most loaded GPUs first (an expert's slots in slot order,
+    // sorted by their GPU's load, heaviest first, then by slot).
+    if (0..e).all(|x| have[x] <= want[x]) {
+        return None;
+    }
     let gpu_load = super::shares::gpu_loads(current, loads);
-    let gpu_of: Vec<usize> = (0..current.gpus).flat_map(|g| std::iter::repeat_n(g, s)).collect();
+    let mut slots = current.slots.clone();
     // Each expert's slots, in slot order, cut per expert.
     let mut start = vec![0usize; e + 1];
     for &x in &slots {
         start[x as usize + 1] += 1;
     }
-    for x in 0..e {
-        start[x + 1] += start[x];
+    let mut sum = 0;
+    for c in start.iter_mut() {
+        sum += *c;
+        *c = sum;
     }
     let mut at = start.clone();
     let mut of = vec![0usize; slots.len()];
@@ -446,53 +452,81 @@ fn repair_with_counts(loads: &[f64], want: &[u32], current: &Placement, opts: &S
         of[at[x as usize]] = i;
         at[x as usize] += 1;
     }
-    // Freed slots: surplus replicas, taken from the most loaded GPUs first.
     let mut freed: Vec<usize> = Vec::new();
-    let mut mine: Vec<usize> = Vec::new();
+    let mut mine: Vec<(u64, usize)> = Vec::new();
     for x in 0..e {
         let surplus = have[x].saturating_sub(want[x]) as usize;
         if surplus == 0 {
             continue;
         }
+        // (Heaviest GPU first as `total_cmp` orders the loads, then the lower slot: unique keys.)
         mine.clear();
-        mine.extend_from_slice(&of[start[x]..start[x + 1]]);
-        mine.sort_by(|&a, &b| gpu_load[gpu_of[b]].total_cmp(&gpu_load[gpu_of[a]]).then(a.cmp(&b)));
-        freed.extend(mine.iter().take(surplus));
+        mine.extend(of[start[x]..start[x + 1]].iter().map(|&i| (!ordered_bits(gpu_load[i / s]), i)));
+        mine.sort_unstable();
+        freed.extend(mine.iter().take(surplus).map(|&(_, i)| i));
     }
-    if freed.is_empty() {
-        return None;
-    }
-    // Deficits, heaviest first, each to a freed slot on a GPU that lacks the expert, least loaded first.
-    let mut deficit: Vec<u32> = Vec::new();
-    for x in 0..e {
-        deficit.extend(std::iter::repeat_n(x as u32, want[x].saturating_sub(have[x]) as usize));
-    }
-    deficit.sort_by(|&a, &b| {
-        (loads[b as usize] / want[b as usize] as f64)
-            .total_cmp(&(loads[a as usize] / want[a as usize] as f64))
-            .then(a.cmp(&b))
-    });
-    let mut load_now = gpu_load.clone();
+    // Deficits, heaviest first (load per wanted replica, then the lower expert), each to a freed slot on a GPU
+    // that lacks the expert, least loaded first.
+    let mut heavy: Vec<(u64, u32)> =
+        (0..e).filter(|&x| want[x] > have[x]).map(|x| (!ordered_bits(loads[x] / want[x] as f64), x as u32)).collect();
+    heavy.sort_unstable();
+    let mut load_now = gpu_load;
     for &i in &freed {
         let x = slots[i] as usize;
-        load_now[gpu_of[i]] -= loads[x] / have[x] as f64;
+        load_now[i / s] -= loads[x] / have[x] as f64;
     }
-    for x in deficit {
-        let holds = |gpu: usize, slots: &[u32]| slots[gpu * s..(gpu + 1) * s].contains(&x);
-        let pick = freed
-            .iter()
-            .enumerate()
-            .filter(|&(_, &i)| !holds(gpu_of[i], &slots))
-            .min_by(|a, b| load_now[gpu_of[*a.1]].total_cmp(&load_now[gpu_of[*b.1]]).then(a.1.cmp(b.1)))
-            .or_else(|| freed.iter().enumerate().next())
-            .map(|(k, &i)| (k, i));
-        let Some((k, i)) = pick else { break };
-        slots[i] = x;
-        load_now[gpu_of[i]] += loads[x as usize] / want[x as usize] as f64;
-        freed.remove(k);
+    // The freed slots as GPUs: the least loaded freed slot is the first freed slot of the least loaded GPU
+    // with one (slots of a lower GPU come first), so the GPUs with a freed slot, ordered by (load, GPU), stand
+    // for the slots ordered by (load of their GPU, slot); `free[i]`: slot `i` is freed and not yet given.
+    let mut free = vec![false; slots.len()];
+    let mut free_on = vec![0u32; current.gpus];
+    for &i in &freed {
+        free[i] = true;
+        free_on[i / s] += 1;
+    }
+    let mut open: Vec<(u64, usize)> =
+        (0..current.gpus).filter(|&g| free_on[g] > 0).map(|g| (ordered_bits(load_now[g]), g)).collect();
+    open.sort_unstable();
+    // The first freed slot not yet given, in `freed` order (the choice when every such GPU holds the expert).
+    let mut first = 0;
+    'deficits: for &(_, x) in &heavy {
+        for _ in have[x as usize]..want[x as usize] {
+            let pick = open.iter().position(|&(_, g)| !slots[g * s..(g + 1) * s].contains(&x));
+            let (i, k) = match pick {
+                Some(k) => {
+                    let g = open[k].1;
+                    ((g * s..(g + 1) * s).find(|&i| free[i]).expect("a freed slot on an open GPU"), k)
+                }
+                None => {
+                    while first < freed.len() && !free[freed[first]] {
+                        first += 1;
+                    }
+                    let Some(&i) = freed.get(first) else { break 'deficits };
+                    (i, open.iter().position(|&(_, h)| h == i / s).expect("the GPU is open"))
+                }
+            };
+            let g = i / s;
+            slots[i] = x;
+            load_now[g] += loads[x as usize] / want[x as usize] as f64;
+            free[i] = false;
+            free_on[g] -= 1;
+            // The GPU's new place among the open ones.
+            open.remove(k);
+            if free_on[g] > 0 {
+                let key = (ordered_bits(load_now[g]), g);
+                let at = open.partition_point(|o| *o < key);
+                open.insert(at, key);
+            }
+        }
     }
     let p = Placement::new(current.gpus, s, e, slots).ok()?;
     if opts.token_shares { super::shares::balanced_shares_only(&p, loads).ok() } else { Some(p) }
+}
+
+/// `v`'s bits as an unsigned integer that orders like [`f64::total_cmp`].
+fn ordered_bits(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 == 1 { !b } else { b | 1 << 63 }
 }
 
 /// Switchyard's proposal and the minimal repair of `current` for the same loads, the replica counts computed
