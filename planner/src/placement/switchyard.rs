@@ -115,7 +115,8 @@ fn place_with_counts(
     let w = |ex: u32, cnt: &[u32]| loads[ex as usize] / cnt[ex as usize] as f64;
     let per_replica: Vec<f64> = (0..e).map(|x| w(x as u32, &cnt)).collect();
     // Per-replica loads are finite and non-negative: their bit patterns order like the values.
-    let mut order: Vec<(u64, u32)> = (0..e).map(|x| (!per_replica[x].to_bits(), x as u32)).collect();
+    // (Packed into one integer, (bits inverted, expert): heaviest first, ties to the lower expert.)
+    let mut order: Vec<u128> = (0..e).map(|x| ((!per_replica[x].to_bits() as u128) << 32) | x as u128).collect();
     order.sort_unstable();
     let mean = loads.iter().sum::<f64>() / gpus as f64;
     let tol = opts.tie_tolerance * mean.max(f64::MIN_POSITIVE);
@@ -164,7 +165,8 @@ fn place_with_counts(
     // GPUs that took the expert being placed (its replicas come one after another), and those that hold it now.
     let mut took: Vec<usize> = Vec::new();
     let mut holds_now = vec![false; gpus];
-    for &(_, ex) in &order {
+    for &packed in &order {
+        let ex = packed as u32;
         let x = ex as usize;
         took.clear();
         let holders = &hold_gpus[hold_start[x]..hold_start[x + 1]];
@@ -219,16 +221,23 @@ fn place_with_counts(
             let n = node_of(best);
             let list = &mut open[n];
             let pos = list.iter().position(|&(_, g)| g == best).expect("the chosen GPU has a free slot");
-            list.remove(pos);
             bins[best * spg + fill[best]] = ex;
             fill[best] += 1;
             gpu_load[best] += per_replica[x];
             node_has[n * e + x] += 1;
             took.push(best);
             if fill[best] < spg {
+                // Its load only grew: its new place is at or after the old one (the list stays sorted, as a
+                // removal and a sorted insertion leave it).
                 let k = (key(gpu_load[best]), best);
-                let at = list.partition_point(|o| *o < k);
-                list.insert(at, k);
+                let mut j = pos;
+                while j + 1 < list.len() && list[j + 1] < k {
+                    list[j] = list[j + 1];
+                    j += 1;
+                }
+                list[j] = k;
+            } else {
+                list.remove(pos);
             }
             heads[n] = list.first().copied().unwrap_or((u64::MAX, 0));
         }
