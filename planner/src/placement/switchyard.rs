@@ -162,13 +162,14 @@ fn place_with_counts(
     type Key = (bool, i64, u32, i64, std::cmp::Reverse<usize>);
     // The lightest open GPU of each node (u64::MAX: none).
     let mut heads: Vec<(u64, usize)> = open.iter().map(|o| o.first().copied().unwrap_or((u64::MAX, 0))).collect();
-    // GPUs that took the expert being placed (its replicas come one after another), and those that hold it now.
-    let mut took: Vec<usize> = Vec::new();
+    // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`), and
+    // those that hold it now.
+    let mut took = vec![0u32; gpus];
     let mut holds_now = vec![false; gpus];
     for &packed in &order {
         let ex = packed as u32;
         let x = ex as usize;
-        took.clear();
+        let stamp = ex + 1;
         let holders = &hold_gpus[hold_start[x]..hold_start[x + 1]];
         for &g in holders {
             holds_now[g] = true;
@@ -198,7 +199,7 @@ fn place_with_counts(
                     if f64::from_bits(l) > limit {
                         break;
                     }
-                    if took.contains(&g) {
+                    if took[g] == stamp {
                         continue;
                     }
                     let k = key_of(g);
@@ -209,7 +210,7 @@ fn place_with_counts(
                 }
             }
             for &g in holders {
-                if fill[g] < spg && gpu_load[g].max(0.0) <= limit && !took.contains(&g) {
+                if fill[g] < spg && gpu_load[g].max(0.0) <= limit && took[g] != stamp {
                     let k = key_of(g);
                     if best.is_none_or(|(bk, _)| k > bk) {
                         best = Some((k, g));
@@ -225,7 +226,7 @@ fn place_with_counts(
             fill[best] += 1;
             gpu_load[best] += per_replica[x];
             node_has[n * e + x] += 1;
-            took.push(best);
+            took[best] = stamp;
             if fill[best] < spg {
                 // Its load only grew: its new place is at or after the old one (the list stays sorted, as a
                 // removal and a sorted insertion leave it).
