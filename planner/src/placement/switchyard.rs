@@ -593,32 +593,37 @@ impl Hungarian {
             buf.clear();
             buf.resize(n + 1, 0);
         }
-        let (u, v, p, way) = (&mut self.u, &mut self.v, &mut self.p, &mut self.way);
+        self.minv.clear();
+        self.minv.resize(n + 1, inf);
+        self.used.clear();
+        self.used.resize(n + 1, false);
+        // Plain slices of n + 1 (the buffers' pointers stay in registers; the bounds checks go).
+        let (u, v) = (&mut self.u[..n + 1], &mut self.v[..n + 1]);
+        let (p, way) = (&mut self.p[..n + 1], &mut self.way[..n + 1]);
+        let (minv, used) = (&mut self.minv[..n + 1], &mut self.used[..n + 1]);
+        let cost = &cost[..n * n];
         for i in 1..=n {
             p[0] = i;
             let mut j0 = 0;
-            self.minv.clear();
-            self.minv.resize(n + 1, inf);
-            self.used.clear();
-            self.used.resize(n + 1, false);
-            let (minv, used) = (&mut self.minv, &mut self.used);
+            minv.fill(inf);
+            used.fill(false);
             loop {
                 used[j0] = true;
                 let i0 = p[j0];
                 let mut delta = inf;
                 let mut j1 = 0;
+                let row = &cost[(i0 - 1) * n..i0 * n];
+                let ui0 = u[i0];
                 for j in 1..=n {
-                    if !used[j] {
-                        let cur = cost[(i0 - 1) * n + j - 1] - u[i0] - v[j];
-                        if cur < minv[j] {
-                            minv[j] = cur;
-                            way[j] = j0;
-                        }
-                        if minv[j] < delta {
-                            delta = minv[j];
-                            j1 = j;
-                        }
-                    }
+                    // The steps for a column not yet used, as selects (a used column keeps its values).
+                    let free = !used[j];
+                    let cur = row[j - 1] - ui0 - v[j];
+                    let lower = free & (cur < minv[j]);
+                    minv[j] = if lower { cur } else { minv[j] };
+                    way[j] = if lower { j0 } else { way[j] };
+                    let best = free & (minv[j] < delta);
+                    delta = if best { minv[j] } else { delta };
+                    j1 = if best { j } else { j1 };
                 }
                 for j in 0..=n {
                     if used[j] {
