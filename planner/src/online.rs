@@ -338,46 +338,94 @@ pub fn migration(from: &Placement, to: &Placement, ctx: &LayerContext) -> Migrat
         return Migration { transfers: 0, bytes: 0.0, time_ms: f64::INFINITY };
     }
     let per = ctx.expert_state_bytes();
+    MIGRATION.with_borrow_mut(|w| migration_with(from, to, ctx, per, w))
+}
+
+/// Buffers of [`migration`], reused between calls on one thread.
+#[derive(Default)]
+struct MigrationScratch {
+    start: Vec<usize>,
+    fill: Vec<usize>,
+    holders: Vec<usize>,
+    node: Vec<u32>,
+    sent: Vec<f64>,
+    src_count: Vec<usize>,
+    mark: Vec<u32>,
+    moves: Vec<(u32, u32)>,
+    by_src: Vec<u32>,
+    entries: Vec<(usize, usize, f64)>,
+}
+
+thread_local! {
+    static MIGRATION: std::cell::RefCell<MigrationScratch> = std::cell::RefCell::new(MigrationScratch::default());
+}
+
+/// [`migration`] for two placements of the same GPUs and experts, on reused buffers: the same transfers and
+/// sums in the same order.
+fn migration_with(
+    from: &Placement,
+    to: &Placement,
+    ctx: &LayerContext,
+    per: f64,
+    w: &mut MigrationScratch,
+) -> Migration {
+    let g = to.gpus;
+    let MigrationScratch { start, fill, holders, node, sent, src_count, mark, moves, by_src, entries } = w;
     // The GPUs of each expert's slots in `from` (slot order), cut per expert.
-    let mut start = vec![0usize; from.experts + 1];
+    start.clear();
+    start.resize(from.experts + 1, 0);
     for &x in &from.slots {
         start[x as usize + 1] += 1;
     }
-    for x in 0..from.experts {
-        start[x + 1] += start[x];
+    let mut sum = 0;
+    for c in start.iter_mut() {
+        sum += *c;
+        *c = sum;
     }
-    let mut fill = start.clone();
-    let mut holders = vec![0usize; from.slots.len()];
+    fill.clear();
+    fill.extend_from_slice(start);
+    holders.clear();
+    holders.resize(from.slots.len(), 0);
     for (gpu, xs) in from.slots.chunks_exact(from.slots_per_gpu.max(1)).enumerate() {
         for &x in xs {
             holders[fill[x as usize]] = gpu;
             fill[x as usize] += 1;
         }
     }
-    let node: Vec<u32> = ctx.gpus.iter().take(g).map(|&x| ctx.fabric.node_of(x)).collect();
-    let mut sent = vec![0.0f64; g];
-    let mut moves: Vec<(usize, usize, f64)> = Vec::new();
-    let mut seen: Vec<u32> = Vec::new();
+    node.clear();
+    node.extend(ctx.gpus.iter().take(g).map(|&x| ctx.fabric.node_of(x)));
+    let node = &node[..];
+    sent.clear();
+    sent.resize(g, 0.0);
+    src_count.clear();
+    src_count.resize(g + 1, 0);
+    // The transfers as (source, destination), destinations in increasing order.
+    moves.clear();
+    // `mark[x] == dst + 1`: GPU `dst` holds expert `x` now or has been sent it already.
+    mark.clear();
+    mark.resize(from.experts, 0);
+    let (fs, ts) = (from.slots_per_gpu, to.slots_per_gpu);
     for dst in 0..g {
-        let have = from.gpu_slots(dst);
-        seen.clear();
-        for &x in to.gpu_slots(dst) {
-            if have.contains(&x) || seen.contains(&x) {
+        let stamp = dst as u32 + 1;
+        for &x in &from.slots[dst * fs..(dst + 1) * fs] {
+            mark[x as usize] = stamp;
+        }
+        let nd = node[dst];
+        for &x in &to.slots[dst * ts..(dst + 1) * ts] {
+            if mark[x as usize] == stamp {
                 continue;
             }
-            seen.push(x);
+            mark[x as usize] = stamp;
             let src = holders[start[x as usize]..start[x as usize + 1]]
                 .iter()
                 .copied()
                 .min_by(|&a, &b| {
-                    (node[a] != node[dst])
-                        .cmp(&(node[b] != node[dst]))
-                        .then(sent[a].total_cmp(&sent[b]))
-                        .then(a.cmp(&b))
+                    (node[a] != nd).cmp(&(node[b] != nd)).then(sent[a].total_cmp(&sent[b])).then(a.cmp(&b))
                 })
                 .unwrap_or(dst);
             sent[src] += per;
-            moves.push((src, dst, per));
+            src_count[src + 1] += 1;
+            moves.push((src as u32, dst as u32));
         }
     }
     let transfers = moves.len();
@@ -385,16 +433,31 @@ pub fn migration(from: &Placement, to: &Placement, ctx: &LayerContext) -> Migrat
     let time_ms = if transfers == 0 {
         0.0
     } else {
-        // One entry per (source, destination), its copies added up one by one, as the exchange's matrix holds it.
-        moves.sort_by_key(|&(s, d, _)| (s, d));
-        let mut entries: Vec<(usize, usize, f64)> = Vec::with_capacity(moves.len());
-        for (s, d, b) in moves {
-            match entries.last_mut() {
-                Some(last) if (last.0, last.1) == (s, d) => last.2 += b,
-                _ => entries.push((s, d, 0.0 + b)),
-            }
+        // The transfers by source, destinations still in increasing order (a counting sort: the order of sorting
+        // by (source, destination)).
+        for s in 0..g {
+            src_count[s + 1] += src_count[s];
         }
-        all_to_all_sparse_time_s(&entries, &ctx.gpus, &ctx.fabric, false) * 1e3
+        by_src.clear();
+        by_src.resize(transfers, 0);
+        for &(s, d) in moves.iter() {
+            by_src[src_count[s as usize]] = d;
+            src_count[s as usize] += 1;
+        }
+        // `src_count[s]` is now where source `s`'s run ends. One entry per (source, destination), its copies
+        // added up one by one, as the exchange's matrix holds it.
+        entries.clear();
+        let mut lo = 0;
+        for (s, &hi) in src_count[..g].iter().enumerate() {
+            for &d in &by_src[lo..hi] {
+                match entries.last_mut() {
+                    Some(last) if (last.0, last.1) == (s, d as usize) => last.2 += per,
+                    _ => entries.push((s, d as usize, 0.0 + per)),
+                }
+            }
+            lo = hi;
+        }
+        all_to_all_sparse_time_s(entries, &ctx.gpus, &ctx.fabric, false) * 1e3
     };
     Migration { transfers, bytes: total, time_ms }
 }

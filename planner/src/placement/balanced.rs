@@ -3,7 +3,6 @@
 //! expert on one GPU when another GPU has room. This seeds the planner's pools and prices plans under an
 //! expected workload.
 
-use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use switchyard_cost::{Placement, PlacementError};
@@ -16,24 +15,20 @@ pub fn replica_counts_for(loads: &[f64], slots: usize) -> Vec<u32> {
     if slots <= e || e == 0 {
         return cnt;
     }
-    #[derive(PartialEq)]
-    struct Item(f64, usize);
-    impl Eq for Item {}
-    impl PartialOrd for Item {
-        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for Item {
-        fn cmp(&self, o: &Self) -> Ordering {
-            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
-        }
-    }
-    let mut heap: BinaryHeap<Item> = loads.iter().enumerate().map(|(i, &l)| Item(l.max(0.0), i)).collect();
+    // Each expert's current load per replica and index as one integer that orders like (`total_cmp` of the
+    // load, the lower index first): a max-heap of plain integers pops the same experts in the same order.
+    let key = |v: f64, i: usize| -> u128 {
+        let b = v.to_bits();
+        let ordered = if b >> 63 == 1 { !b } else { b | 1 << 63 };
+        (ordered as u128) << 64 | (u64::MAX - i as u64) as u128
+    };
+    let mut heap: BinaryHeap<u128> = loads.iter().enumerate().map(|(i, &l)| key(l.max(0.0), i)).collect();
     for _ in 0..slots - e {
-        let Some(Item(_, i)) = heap.pop() else { break };
+        let Some(mut top) = heap.peek_mut() else { break };
+        let i = (u64::MAX - *top as u64) as usize;
         cnt[i] += 1;
-        heap.push(Item(loads[i].max(0.0) / cnt[i] as f64, i));
+        // Replacing the top and sifting it down: the heap of a pop and a push.
+        *top = key(loads[i].max(0.0) / cnt[i] as f64, i);
     }
     cnt
 }
@@ -109,6 +104,67 @@ mod tests {
             // Load is conserved when split over replicas.
             let total: f64 = p.gpu_loads(&loads).iter().sum();
             prop_assert!((total - loads.iter().sum::<f64>()).abs() < 1e-6 * (1.0 + total));
+        }
+    }
+}
+
+/// Replica counts against their first version (a heap of (load, index) items ordered by `total_cmp`): the same
+/// counts, including for loads that are NaN, infinite, negative or signed zeros.
+#[cfg(test)]
+mod counts_equal_reference {
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reference_counts(loads: &[f64], slots: usize) -> Vec<u32> {
+        let e = loads.len();
+        let mut cnt = vec![1u32; e];
+        if slots <= e || e == 0 {
+            return cnt;
+        }
+        #[derive(PartialEq)]
+        struct Item(f64, usize);
+        impl Eq for Item {}
+        impl PartialOrd for Item {
+            fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Item {
+            fn cmp(&self, o: &Self) -> Ordering {
+                self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+            }
+        }
+        let mut heap: BinaryHeap<Item> = loads.iter().enumerate().map(|(i, &l)| Item(l.max(0.0), i)).collect();
+        for _ in 0..slots - e {
+            let Some(Item(_, i)) = heap.pop() else { break };
+            cnt[i] += 1;
+            heap.push(Item(loads[i].max(0.0) / cnt[i] as f64, i));
+        }
+        cnt
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn same_counts(
+            loads in proptest::collection::vec(
+                prop_oneof![
+                    4 => (0u32..8).prop_map(|x| x as f64 * 10.0),
+                    4 => 0.0f64..1000.0,
+                    1 => prop_oneof![
+                        Just(0.0), Just(-0.0), Just(f64::NAN), Just(f64::INFINITY), Just(-1.0), Just(5e-324)
+                    ],
+                ],
+                0..48,
+            ),
+            extra in 0usize..100,
+        ) {
+            let slots = (loads.len() + extra).saturating_sub(2);
+            prop_assert_eq!(replica_counts_for(&loads, slots), reference_counts(&loads, slots));
         }
     }
 }

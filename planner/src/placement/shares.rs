@@ -153,14 +153,29 @@ fn busiest(p: &Placement, loads: &[f64]) -> f64 {
         return 0.0;
     }
     let spg = p.slots_per_gpu;
-    let cnt = if p.shares.is_some() { Vec::new() } else { p.replica_counts() };
+    let Some(shares) = &p.shares else {
+        let cnt = p.replica_counts();
+        return p
+            .slots
+            .chunks_exact(spg)
+            .enumerate()
+            .map(|(g, xs)| {
+                let mut t = 0.0;
+                for (j, &x) in xs.iter().enumerate() {
+                    t += loads[x as usize] * p.share(g * spg + j, &cnt);
+                }
+                t
+            })
+            .fold(0.0, f64::max);
+    };
+    // `Placement::share` with shares, written out: the same quotient.
     p.slots
         .chunks_exact(spg)
-        .enumerate()
-        .map(|(g, xs)| {
+        .zip(shares.chunks_exact(spg))
+        .map(|(xs, sh)| {
             let mut t = 0.0;
-            for (j, &x) in xs.iter().enumerate() {
-                t += loads[x as usize] * p.share(g * spg + j, &cnt);
+            for (&x, &s) in xs.iter().zip(sh) {
+                t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
             }
             t
         })
@@ -177,6 +192,7 @@ struct Waterfill {
     homes: Vec<usize>,
     on_home: Vec<usize>,
     flex: Vec<usize>,
+    multi: Vec<usize>,
     contrib: Vec<f64>,
     gpu: Vec<f64>,
     order: Vec<usize>,
@@ -191,60 +207,89 @@ thread_local! {
 /// The water-filling's placement, on reused buffers (`w.loads` holds the sanitised loads afterwards).
 fn waterfill_with(placement: &Placement, loads_in: &[f64], passes: usize, w: &mut Waterfill) -> Placement {
     let e = placement.experts;
-    let Waterfill { loads, ex, hstart, homes, on_home, flex, contrib, gpu, order, other, frac, .. } = w;
+    let Waterfill { loads, ex, hstart, homes, on_home, flex, multi, contrib, gpu, order, other, frac, .. } = w;
     loads.clear();
-    loads.extend((0..e).map(|x| loads_in.get(x).copied().filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)));
+    loads.resize(e, 0.0);
+    for (l, &v) in loads.iter_mut().zip(loads_in) {
+        *l = if v.is_finite() && v > 0.0 { v } else { 0.0 };
+    }
     let loads = &*loads;
     // Each expert's slots (in slot order, so by GPU), as one array cut at `start`.
     ex.fill(placement);
     let ex = &*ex;
     // The distinct GPUs of each expert (its homes) in increasing order, cut at `hstart`, and how many of its
-    // slots each home holds.
+    // slots each home holds; the experts with more than one slot (`multi`) and the flexible ones (more than one
+    // home, some load: `flex`). The GPU loads start from the experts with one home, in expert order.
+    // (Written by index into buffers of the largest size, then cut: no capacity checks in the loop.)
+    let n = placement.slots.len();
     hstart.clear();
+    hstart.resize(e + 1, 0);
     homes.clear();
+    homes.resize(n, 0);
     on_home.clear();
-    hstart.push(0);
-    for x in 0..e {
-        for &slot in ex.of(x) {
-            let g = ex.gpu[slot];
-            if homes.len() > hstart[x] && homes[homes.len() - 1] == g {
-                *on_home.last_mut().expect("a home") += 1;
-            } else {
-                homes.push(g);
-                on_home.push(1);
-            }
-        }
-        hstart.push(homes.len());
-    }
-    let (hstart, homes, on_home) = (&*hstart, &*homes, &*on_home);
-    let nh = |x: usize| hstart[x + 1] - hstart[x];
-    // Contribution of each flexible expert to each of its homes (indexed like `homes`), from the even split.
+    on_home.resize(n, 0);
     flex.clear();
-    flex.extend((0..e).filter(|&x| nh(x) > 1 && loads[x] > 0.0));
-    contrib.clear();
-    contrib.resize(homes.len(), 0.0);
-    for &x in flex.iter() {
-        let c = loads[x] / nh(x) as f64;
-        contrib[hstart[x]..hstart[x + 1]].fill(c);
-    }
+    multi.clear();
     gpu.clear();
     gpu.resize(placement.gpus, 0.0);
+    let mut len = 0;
     for x in 0..e {
-        if nh(x) == 1 {
-            gpu[homes[hstart[x]]] += loads[x];
+        let h0 = len;
+        match ex.of(x) {
+            [] => {}
+            &[slot] => {
+                let g = ex.gpu[slot];
+                homes[len] = g;
+                on_home[len] = 1;
+                len += 1;
+                gpu[g] += loads[x];
+            }
+            slots => {
+                multi.push(x);
+                for &slot in slots {
+                    let g = ex.gpu[slot];
+                    if len > h0 && homes[len - 1] == g {
+                        on_home[len - 1] += 1;
+                    } else {
+                        homes[len] = g;
+                        on_home[len] = 1;
+                        len += 1;
+                    }
+                }
+                match len - h0 {
+                    1 => gpu[homes[h0]] += loads[x],
+                    _ if loads[x] > 0.0 => flex.push(x),
+                    _ => {}
+                }
+            }
         }
+        hstart[x + 1] = len;
     }
-    for &x in flex.iter() {
-        for k in hstart[x]..hstart[x + 1] {
-            gpu[homes[k]] += contrib[k];
-        }
-    }
-    // Each expert's homes in order (indices into its homes), kept from pass to pass.
+    homes.truncate(len);
+    on_home.truncate(len);
+    let (hstart, homes, on_home) = (&*hstart, &*homes, &*on_home);
+    // Contribution of each flexible expert to each of its homes (indexed like `homes`), from the even split.
+    // Each expert's homes in order (indices into its homes), kept from pass to pass (only the flexible experts'
+    // are read).
+    contrib.clear();
+    contrib.resize(homes.len(), 0.0);
     order.clear();
-    order.extend((0..e).flat_map(|x| 0..nh(x)));
+    order.resize(homes.len(), 0);
+    for &x in flex.iter() {
+        let (a, b) = (hstart[x], hstart[x + 1]);
+        let c = loads[x] / (b - a) as f64;
+        for k in a..b {
+            contrib[k] = c;
+            gpu[homes[k]] += c;
+            order[k] = k - a;
+        }
+    }
     let scale = loads.iter().copied().fold(1.0, f64::max);
+    // A pass that moves no contribution by more than this is the last. (`moved <= limit` for the largest move
+    // that is not NaN, as `f64::max` skips NaN, is no such move `> limit`: a flag, not a chain of maxima.)
+    let limit = 1e-6 * scale;
     for _ in 0..passes {
-        let mut moved = 0.0f64;
+        let mut moved = false;
         for &x in flex.iter() {
             let (a, b) = (hstart[x], hstart[x + 1]);
             let h = &homes[a..b];
@@ -264,11 +309,11 @@ fn waterfill_with(placement: &Placement, loads_in: &[f64], passes: usize, w: &mu
                     if (f64::INFINITY - hi) * 2.0 >= rest { hi + rest / 2.0 } else { f64::INFINITY }
                 };
                 let v0 = (level - o0).max(0.0);
-                moved = moved.max((v0 - *c0).abs());
+                moved |= (v0 - *c0).abs() > limit;
                 gpu[*g0] += v0 - *c0;
                 *c0 = v0;
                 let v1 = (level - o1).max(0.0);
-                moved = moved.max((v1 - *c1).abs());
+                moved |= (v1 - *c1).abs() > limit;
                 gpu[*g1] += v1 - *c1;
                 *c1 = v1;
                 continue;
@@ -307,12 +352,12 @@ fn waterfill_with(placement: &Placement, loads_in: &[f64], passes: usize, w: &mu
             }
             for ((&g, c), &o) in h.iter().zip(cx.iter_mut()).zip(other.iter()) {
                 let v = (level - o).max(0.0);
-                moved = moved.max((v - *c).abs());
+                moved |= (v - *c).abs() > limit;
                 gpu[g] += v - *c;
                 *c = v;
             }
         }
-        if moved <= 1e-6 * scale {
+        if !moved {
             break;
         }
     }
@@ -328,7 +373,7 @@ fn waterfill_with(placement: &Placement, loads_in: &[f64], passes: usize, w: &mu
             frac[slot] = contrib[k] / loads[x] / on_home[k] as f64;
         }
     }
-    with_shares_of(placement, ex, frac)
+    with_shares_of(placement, ex, multi, frac)
 }
 
 /// [`Placement::gpu_loads`], GPU by GPU (the same sums in the same order).
@@ -336,19 +381,35 @@ pub(crate) fn gpu_loads(p: &Placement, loads: &[f64]) -> Vec<f64> {
     if p.slots_per_gpu == 0 {
         return vec![0.0; p.gpus];
     }
-    let cnt = p.replica_counts();
     let spg = p.slots_per_gpu;
-    p.slots
-        .chunks_exact(spg)
-        .enumerate()
-        .map(|(g, xs)| {
-            let mut t = 0.0;
-            for (j, &x) in xs.iter().enumerate() {
-                t += loads[x as usize] * p.share(g * spg + j, &cnt);
-            }
-            t
-        })
-        .collect()
+    // `Placement::share` written out: the same quotients.
+    match &p.shares {
+        Some(shares) => p
+            .slots
+            .chunks_exact(spg)
+            .zip(shares.chunks_exact(spg))
+            .map(|(xs, sh)| {
+                let mut t = 0.0;
+                for (&x, &s) in xs.iter().zip(sh) {
+                    t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
+                }
+                t
+            })
+            .collect(),
+        None => {
+            let cnt = p.replica_counts();
+            p.slots
+                .chunks_exact(spg)
+                .map(|xs| {
+                    let mut t = 0.0;
+                    for &x in xs {
+                        t += loads[x as usize] * (1.0 / cnt[x as usize] as f64);
+                    }
+                    t
+                })
+                .collect()
+        }
+    }
 }
 
 /// Each expert's slots in slot order, as one array cut per expert, and each slot's GPU.
@@ -368,8 +429,10 @@ impl ExpertSlots {
         for &x in &p.slots {
             start[x as usize + 1] += 1;
         }
-        for x in 0..p.experts {
-            start[x + 1] += start[x];
+        let mut sum = 0;
+        for c in start.iter_mut() {
+            sum += *c;
+            *c = sum;
         }
         let slots = &mut self.slots;
         slots.clear();
@@ -384,7 +447,11 @@ impl ExpertSlots {
         }
         let spg = p.slots_per_gpu.max(1);
         at.clear();
-        at.extend((0..p.gpus).flat_map(|g| std::iter::repeat_n(g, spg)).take(p.slots.len()));
+        at.resize(p.gpus * spg, 0);
+        for (g, c) in at.chunks_exact_mut(spg).enumerate() {
+            c.fill(g);
+        }
+        at.truncate(p.slots.len());
         self.gpu = at;
     }
 
@@ -396,14 +463,12 @@ impl ExpertSlots {
 /// `placement.clone().with_shares(fractions)` for a valid placement and finite, non-negative fractions, without
 /// its checks and allocations: the same normalisation and rounding (each expert's shares floored to
 /// [`SHARE_UNIT`] parts, the remainder to its largest share, the last of equal ones), so the same shares.
-fn with_shares_of(placement: &Placement, ex: &ExpertSlots, fractions: &[f64]) -> Placement {
+/// `multi`: the experts with more than one slot (an expert's only slot gets the whole unit: f / f, or 1 / 1 for
+/// a zero fraction, is exactly one).
+fn with_shares_of(placement: &Placement, ex: &ExpertSlots, multi: &[usize], fractions: &[f64]) -> Placement {
     let mut out = vec![SHARE_UNIT; placement.slots.len()];
-    for x in 0..placement.experts {
+    for &x in multi {
         let slots = ex.of(x);
-        if slots.len() < 2 {
-            // f / f (or 1 / 1 for a zero fraction) is exactly one: the whole unit.
-            continue;
-        }
         let sum: f64 = slots.iter().map(|&s| fractions[s]).sum();
         let n = slots.len() as f64;
         let mut given = 0u32;

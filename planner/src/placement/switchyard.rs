@@ -115,7 +115,8 @@ fn place_with_counts(
     let w = |ex: u32, cnt: &[u32]| loads[ex as usize] / cnt[ex as usize] as f64;
     let per_replica: Vec<f64> = (0..e).map(|x| w(x as u32, &cnt)).collect();
     // Per-replica loads are finite and non-negative: their bit patterns order like the values.
-    let mut order: Vec<(u64, u32)> = (0..e).map(|x| (!per_replica[x].to_bits(), x as u32)).collect();
+    // (Packed into one integer, (bits inverted, expert): heaviest first, ties to the lower expert.)
+    let mut order: Vec<u128> = (0..e).map(|x| ((!per_replica[x].to_bits() as u128) << 32) | x as u128).collect();
     order.sort_unstable();
     let mean = loads.iter().sum::<f64>() / gpus as f64;
     let tol = opts.tie_tolerance * mean.max(f64::MIN_POSITIVE);
@@ -161,12 +162,14 @@ fn place_with_counts(
     type Key = (bool, i64, u32, i64, std::cmp::Reverse<usize>);
     // The lightest open GPU of each node (u64::MAX: none).
     let mut heads: Vec<(u64, usize)> = open.iter().map(|o| o.first().copied().unwrap_or((u64::MAX, 0))).collect();
-    // GPUs that took the expert being placed (its replicas come one after another), and those that hold it now.
-    let mut took: Vec<usize> = Vec::new();
+    // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`), and
+    // those that hold it now.
+    let mut took = vec![0u32; gpus];
     let mut holds_now = vec![false; gpus];
-    for &(_, ex) in &order {
+    for &packed in &order {
+        let ex = packed as u32;
         let x = ex as usize;
-        took.clear();
+        let stamp = ex + 1;
         let holders = &hold_gpus[hold_start[x]..hold_start[x + 1]];
         for &g in holders {
             holds_now[g] = true;
@@ -196,7 +199,7 @@ fn place_with_counts(
                     if f64::from_bits(l) > limit {
                         break;
                     }
-                    if took.contains(&g) {
+                    if took[g] == stamp {
                         continue;
                     }
                     let k = key_of(g);
@@ -207,7 +210,7 @@ fn place_with_counts(
                 }
             }
             for &g in holders {
-                if fill[g] < spg && gpu_load[g].max(0.0) <= limit && !took.contains(&g) {
+                if fill[g] < spg && gpu_load[g].max(0.0) <= limit && took[g] != stamp {
                     let k = key_of(g);
                     if best.is_none_or(|(bk, _)| k > bk) {
                         best = Some((k, g));
@@ -219,16 +222,23 @@ fn place_with_counts(
             let n = node_of(best);
             let list = &mut open[n];
             let pos = list.iter().position(|&(_, g)| g == best).expect("the chosen GPU has a free slot");
-            list.remove(pos);
             bins[best * spg + fill[best]] = ex;
             fill[best] += 1;
             gpu_load[best] += per_replica[x];
             node_has[n * e + x] += 1;
-            took.push(best);
+            took[best] = stamp;
             if fill[best] < spg {
+                // Its load only grew: its new place is at or after the old one (the list stays sorted, as a
+                // removal and a sorted insertion leave it).
                 let k = (key(gpu_load[best]), best);
-                let at = list.partition_point(|o| *o < k);
-                list.insert(at, k);
+                let mut j = pos;
+                while j + 1 < list.len() && list[j + 1] < k {
+                    list[j] = list[j + 1];
+                    j += 1;
+                }
+                list[j] = k;
+            } else {
+                list.remove(pos);
             }
             heads[n] = list.first().copied().unwrap_or((u64::MAX, 0));
         }
@@ -429,16 +439,22 @@ fn repair_with_counts(loads: &[f64], want: &[u32], current: &Placement, opts: &S
     let e = current.experts;
     let s = current.slots_per_gpu;
     let have = current.replica_counts();
-    let mut slots = current.slots.clone();
+    // Freed slots: surplus replicas, taken from the most loaded GPUs first (an expert's slots in slot order,
+    // sorted by their GPU's load, heaviest first, then by slot).
+    if (0..e).all(|x| have[x] <= want[x]) {
+        return None;
+    }
     let gpu_load = super::shares::gpu_loads(current, loads);
-    let gpu_of: Vec<usize> = (0..current.gpus).flat_map(|g| std::iter::repeat_n(g, s)).collect();
+    let mut slots = current.slots.clone();
     // Each expert's slots, in slot order, cut per expert.
     let mut start = vec![0usize; e + 1];
     for &x in &slots {
         start[x as usize + 1] += 1;
     }
-    for x in 0..e {
-        start[x + 1] += start[x];
+    let mut sum = 0;
+    for c in start.iter_mut() {
+        sum += *c;
+        *c = sum;
     }
     let mut at = start.clone();
     let mut of = vec![0usize; slots.len()];
@@ -446,53 +462,81 @@ fn repair_with_counts(loads: &[f64], want: &[u32], current: &Placement, opts: &S
         of[at[x as usize]] = i;
         at[x as usize] += 1;
     }
-    // Freed slots: surplus replicas, taken from the most loaded GPUs first.
     let mut freed: Vec<usize> = Vec::new();
-    let mut mine: Vec<usize> = Vec::new();
+    let mut mine: Vec<(u64, usize)> = Vec::new();
     for x in 0..e {
         let surplus = have[x].saturating_sub(want[x]) as usize;
         if surplus == 0 {
             continue;
         }
+        // (Heaviest GPU first as `total_cmp` orders the loads, then the lower slot: unique keys.)
         mine.clear();
-        mine.extend_from_slice(&of[start[x]..start[x + 1]]);
-        mine.sort_by(|&a, &b| gpu_load[gpu_of[b]].total_cmp(&gpu_load[gpu_of[a]]).then(a.cmp(&b)));
-        freed.extend(mine.iter().take(surplus));
+        mine.extend(of[start[x]..start[x + 1]].iter().map(|&i| (!ordered_bits(gpu_load[i / s]), i)));
+        mine.sort_unstable();
+        freed.extend(mine.iter().take(surplus).map(|&(_, i)| i));
     }
-    if freed.is_empty() {
-        return None;
-    }
-    // Deficits, heaviest first, each to a freed slot on a GPU that lacks the expert, least loaded first.
-    let mut deficit: Vec<u32> = Vec::new();
-    for x in 0..e {
-        deficit.extend(std::iter::repeat_n(x as u32, want[x].saturating_sub(have[x]) as usize));
-    }
-    deficit.sort_by(|&a, &b| {
-        (loads[b as usize] / want[b as usize] as f64)
-            .total_cmp(&(loads[a as usize] / want[a as usize] as f64))
-            .then(a.cmp(&b))
-    });
-    let mut load_now = gpu_load.clone();
+    // Deficits, heaviest first (load per wanted replica, then the lower expert), each to a freed slot on a GPU
+    // that lacks the expert, least loaded first.
+    let mut heavy: Vec<(u64, u32)> =
+        (0..e).filter(|&x| want[x] > have[x]).map(|x| (!ordered_bits(loads[x] / want[x] as f64), x as u32)).collect();
+    heavy.sort_unstable();
+    let mut load_now = gpu_load;
     for &i in &freed {
         let x = slots[i] as usize;
-        load_now[gpu_of[i]] -= loads[x] / have[x] as f64;
+        load_now[i / s] -= loads[x] / have[x] as f64;
     }
-    for x in deficit {
-        let holds = |gpu: usize, slots: &[u32]| slots[gpu * s..(gpu + 1) * s].contains(&x);
-        let pick = freed
-            .iter()
-            .enumerate()
-            .filter(|&(_, &i)| !holds(gpu_of[i], &slots))
-            .min_by(|a, b| load_now[gpu_of[*a.1]].total_cmp(&load_now[gpu_of[*b.1]]).then(a.1.cmp(b.1)))
-            .or_else(|| freed.iter().enumerate().next())
-            .map(|(k, &i)| (k, i));
-        let Some((k, i)) = pick else { break };
-        slots[i] = x;
-        load_now[gpu_of[i]] += loads[x as usize] / want[x as usize] as f64;
-        freed.remove(k);
+    // The freed slots as GPUs: the least loaded freed slot is the first freed slot of the least loaded GPU
+    // with one (slots of a lower GPU come first), so the GPUs with a freed slot, ordered by (load, GPU), stand
+    // for the slots ordered by (load of their GPU, slot); `free[i]`: slot `i` is freed and not yet given.
+    let mut free = vec![false; slots.len()];
+    let mut free_on = vec![0u32; current.gpus];
+    for &i in &freed {
+        free[i] = true;
+        free_on[i / s] += 1;
+    }
+    let mut open: Vec<(u64, usize)> =
+        (0..current.gpus).filter(|&g| free_on[g] > 0).map(|g| (ordered_bits(load_now[g]), g)).collect();
+    open.sort_unstable();
+    // The first freed slot not yet given, in `freed` order (the choice when every such GPU holds the expert).
+    let mut first = 0;
+    'deficits: for &(_, x) in &heavy {
+        for _ in have[x as usize]..want[x as usize] {
+            let pick = open.iter().position(|&(_, g)| !slots[g * s..(g + 1) * s].contains(&x));
+            let (i, k) = match pick {
+                Some(k) => {
+                    let g = open[k].1;
+                    ((g * s..(g + 1) * s).find(|&i| free[i]).expect("a freed slot on an open GPU"), k)
+                }
+                None => {
+                    while first < freed.len() && !free[freed[first]] {
+                        first += 1;
+                    }
+                    let Some(&i) = freed.get(first) else { break 'deficits };
+                    (i, open.iter().position(|&(_, h)| h == i / s).expect("the GPU is open"))
+                }
+            };
+            let g = i / s;
+            slots[i] = x;
+            load_now[g] += loads[x as usize] / want[x as usize] as f64;
+            free[i] = false;
+            free_on[g] -= 1;
+            // The GPU's new place among the open ones.
+            open.remove(k);
+            if free_on[g] > 0 {
+                let key = (ordered_bits(load_now[g]), g);
+                let at = open.partition_point(|o| *o < key);
+                open.insert(at, key);
+            }
+        }
     }
     let p = Placement::new(current.gpus, s, e, slots).ok()?;
     if opts.token_shares { super::shares::balanced_shares_only(&p, loads).ok() } else { Some(p) }
+}
+
+/// `v`'s bits as an unsigned integer that orders like [`f64::total_cmp`].
+fn ordered_bits(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 == 1 { !b } else { b | 1 << 63 }
 }
 
 /// Switchyard's proposal and the minimal repair of `current` for the same loads, the replica counts computed
@@ -549,32 +593,37 @@ impl Hungarian {
             buf.clear();
             buf.resize(n + 1, 0);
         }
-        let (u, v, p, way) = (&mut self.u, &mut self.v, &mut self.p, &mut self.way);
+        self.minv.clear();
+        self.minv.resize(n + 1, inf);
+        self.used.clear();
+        self.used.resize(n + 1, false);
+        // Plain slices of n + 1 (the buffers' pointers stay in registers; the bounds checks go).
+        let (u, v) = (&mut self.u[..n + 1], &mut self.v[..n + 1]);
+        let (p, way) = (&mut self.p[..n + 1], &mut self.way[..n + 1]);
+        let (minv, used) = (&mut self.minv[..n + 1], &mut self.used[..n + 1]);
+        let cost = &cost[..n * n];
         for i in 1..=n {
             p[0] = i;
             let mut j0 = 0;
-            self.minv.clear();
-            self.minv.resize(n + 1, inf);
-            self.used.clear();
-            self.used.resize(n + 1, false);
-            let (minv, used) = (&mut self.minv, &mut self.used);
+            minv.fill(inf);
+            used.fill(false);
             loop {
                 used[j0] = true;
                 let i0 = p[j0];
                 let mut delta = inf;
                 let mut j1 = 0;
+                let row = &cost[(i0 - 1) * n..i0 * n];
+                let ui0 = u[i0];
                 for j in 1..=n {
-                    if !used[j] {
-                        let cur = cost[(i0 - 1) * n + j - 1] - u[i0] - v[j];
-                        if cur < minv[j] {
-                            minv[j] = cur;
-                            way[j] = j0;
-                        }
-                        if minv[j] < delta {
-                            delta = minv[j];
-                            j1 = j;
-                        }
-                    }
+                    // The steps for a column not yet used, as selects (a used column keeps its values).
+                    let free = !used[j];
+                    let cur = row[j - 1] - ui0 - v[j];
+                    let lower = free & (cur < minv[j]);
+                    minv[j] = if lower { cur } else { minv[j] };
+                    way[j] = if lower { j0 } else { way[j] };
+                    let best = free & (minv[j] < delta);
+                    delta = if best { minv[j] } else { delta };
+                    j1 = if best { j } else { j1 };
                 }
                 for j in 0..=n {
                     if used[j] {
