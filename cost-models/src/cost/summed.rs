@@ -84,28 +84,32 @@ impl SummedLoad {
             ));
         }
         let e = self.experts;
-        // Counts below 2^52 convert to floats in vector registers (see `small_to_f64`).
-        let small = m.counts.iter().all(|&c| c < 1 << 52);
         for s in 0..self.ranks {
             let n = s / self.gpus_per_node;
             let counts = &m.counts[s * e..(s + 1) * e];
+            // Counts below 2^52 convert to floats in vector registers (see `small_to_f64`), and a row of fewer
+            // than 4096 of them sums exactly in 64-bit integers.
+            let small = counts.iter().fold(0u64, |a, &c| a | c) >> 52 == 0;
+            let row = if small && e < 4096 {
+                weight * counts.iter().copied().fold(0u64, u64::wrapping_add) as f64
+            } else {
+                counts.iter().map(|&c| weight * c as f64).sum()
+            };
             let vals = &mut self.values[s * e..(s + 1) * e];
             let node = &mut self.node_col[n * e..(n + 1) * e];
-            // One pass without branches (adding a zero changes nothing); whether an entry's sign changed is
-            // noted, and only then are the routes of this rank looked at again.
-            let mut row = 0.0;
-            let mut changed = false;
+            // One pass without branches (adding a zero changes nothing) or chains of dependent additions;
+            // entries whose sign changed are counted, and only then are this rank's routes looked at again.
+            let mut changed = 0u64;
             for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
                 let dv = weight * if small { small_to_f64(c) } else { c as f64 };
                 let before = *v > 0.0;
                 *v += dv;
                 *nc += dv;
                 *cs += dv;
-                row += dv;
-                changed |= before != (*v > 0.0);
+                changed += (before != (*v > 0.0)) as u64;
             }
             self.row[s] += row;
-            if changed {
+            if changed > 0 {
                 let (word, bit) = (s / 64, 1u64 << (s % 64));
                 for (x, &v) in vals.iter().enumerate() {
                     let r = &mut self.routes[x * self.words + word];
@@ -226,12 +230,13 @@ struct SummedScratch {
     in_node: Vec<f64>,
     /// Per-node sums when the load's nodes are not the group's.
     node_col: Vec<f64>,
+    /// Each node's summed shares of each expert (nodes x experts).
+    node_share: Vec<f64>,
     /// For each GPU, the ranks that send it anything (gpus x words).
     senders: Vec<u64>,
     node_mask: Vec<u64>,
     peers_intra: Vec<u32>,
     peers_inter: Vec<u32>,
-    node_gpus: Vec<Vec<usize>>,
     sync: SyncScratch,
     a2a: A2aScratch,
 }
@@ -323,41 +328,47 @@ fn price_summed(
     w.all_in.resize(ng, 0.0);
     w.own_in.clear();
     w.own_in.resize(ng, 0.0);
+    // Each node's share of each expert (nodes x experts): what fraction of an expert's tokens its slots there take.
+    w.node_share.clear();
+    w.node_share.resize(nn * e, 0.0);
     for d in 0..ng {
-        let (mut all, mut own) = (0.0, 0.0);
+        let mut all = 0.0;
         for j in d * spg..(d + 1) * spg {
             let (x, f) = (placement.slots[j] as usize, share[j]);
             all += f * load.col[x];
-            own += f * load.values[d * e + x];
+            w.node_share[nix[d] * e + x] += f;
             for n in 0..nn {
                 w.from_node[n * ng + d] += f * node_col[n * e + x];
             }
         }
         w.all_in[d] = all;
-        w.own_in[d] = own;
     }
-    // What each rank sends to its own node's GPUs: its row against the slots there.
-    if w.node_gpus.len() < nn {
-        w.node_gpus.resize(nn, Vec::new());
-    }
-    for v in w.node_gpus.iter_mut() {
-        v.clear();
-    }
-    for (d, &n) in nix.iter().enumerate() {
-        w.node_gpus[n].push(d);
-    }
+    // What each rank sends to its own node's GPUs (its row against its node's shares, one sequential pass over
+    // the row rather than a lookup per slot: the rows stream from memory) and to itself (its own slots, the row
+    // now in cache).
     w.in_node.clear();
     w.in_node.resize(ng, 0.0);
     for s in 0..ng {
         let row = &load.values[s * e..(s + 1) * e];
+        let fr = &w.node_share[nix[s] * e..(nix[s] + 1) * e];
         // Four independent sums (the additions are not a chain of dependent latencies).
         let mut t = [0.0f64; 4];
-        for &d in &w.node_gpus[nix[s]] {
-            for (k, j) in (d * spg..(d + 1) * spg).enumerate() {
-                t[k & 3] += share[j] * row[placement.slots[j] as usize];
+        let (rc, fc) = (row.chunks_exact(4), fr.chunks_exact(4));
+        let (rr, fe) = (rc.remainder(), fc.remainder());
+        for (r4, f4) in rc.zip(fc) {
+            for k in 0..4 {
+                t[k] += r4[k] * f4[k];
             }
         }
+        for (k, (r, f)) in rr.iter().zip(fe).enumerate() {
+            t[k] += r * f;
+        }
         w.in_node[s] = (t[0] + t[1]) + (t[2] + t[3]);
+        let mut own = 0.0;
+        for j in s * spg..(s + 1) * spg {
+            own += share[j] * row[placement.slots[j] as usize];
+        }
+        w.own_in[s] = own;
     }
     let bytes = shape.d_model as f64 * shape.act_bytes as f64 * scale;
     let t = &mut w.a2a;
