@@ -419,6 +419,10 @@ impl ExpertRuntime {
             })
             .sum::<f64>()
             / nl.max(1) as f64;
+        // The predictor's running sums take this iteration's loads in (part of sampling, not of the decision).
+        if let Some(sw) = self.switcher.as_mut() {
+            sw.record(&rep.loads);
+        }
         sampler_s += ts.elapsed().as_secs_f64();
         rep.sampler_ms = sampler_s * 1e3;
         rep.update_ms = t0.elapsed().as_secs_f64() * 1e3 - rep.sampler_ms;
@@ -427,7 +431,6 @@ impl ExpertRuntime {
         let t2 = Instant::now();
         let mut msg = Vec::new();
         if let Some(sw) = self.switcher.as_mut() {
-            sw.record(&rep.loads);
             let current = self.layers.iter().map(|l| l.placement.clone()).collect::<Vec<_>>();
             let d = sw.decide(iteration, &current);
             let payload = Broadcast {
