@@ -187,18 +187,24 @@ pub fn moe_layer_exact_prepared(
     c: &ModelConstants,
     hierarchical: bool,
 ) -> Result<MoeLayerTime, String> {
-    if load.ranks != placement.gpus || gpus.len() != placement.gpus {
+    check_shapes(load.ranks, load.experts, placement, gpus)?;
+    PRICE_SCRATCH.with_borrow_mut(|w| price_with(shape, load, placement, gpus, fabric, c, hierarchical, w))
+}
+
+/// The load's source ranks must be the placement's GPUs and the group's, and its experts the placement's.
+pub(super) fn check_shapes(ranks: usize, experts: usize, placement: &Placement, gpus: &[u32]) -> Result<(), String> {
+    if ranks != placement.gpus || gpus.len() != placement.gpus {
         return Err(format!(
             "the load matrix has {} source ranks, the placement {} GPUs and the group {} GPUs; they must agree",
-            load.ranks,
+            ranks,
             placement.gpus,
             gpus.len()
         ));
     }
-    if load.experts != placement.experts {
-        return Err(format!("the load matrix has {} experts, the placement {}", load.experts, placement.experts));
+    if experts != placement.experts {
+        return Err(format!("the load matrix has {} experts, the placement {}", experts, placement.experts));
     }
-    PRICE_SCRATCH.with_borrow_mut(|w| price_with(shape, load, placement, gpus, fabric, c, hierarchical, w))
+    Ok(())
 }
 
 /// Buffers [`moe_layer_exact_prepared`] reuses between calls on one thread.

@@ -13,7 +13,8 @@
 
 use super::fabric::Fabric;
 use super::moe::{
-    A2aLinks, A2aScratch, MoeLayerShape, MoeLayerTime, SyncScratch, gpu_compute_s, layer_time, replica_sync_of,
+    A2aLinks, A2aScratch, MoeLayerShape, MoeLayerTime, SyncScratch, check_shapes, gpu_compute_s, layer_time,
+    replica_sync_of,
 };
 use crate::cluster::ModelConstants;
 use crate::placement::Placement;
@@ -259,17 +260,7 @@ pub fn moe_layer_summed(
     c: &ModelConstants,
     hierarchical: bool,
 ) -> Result<MoeLayerTime, String> {
-    if load.ranks != placement.gpus || gpus.len() != placement.gpus {
-        return Err(format!(
-            "the load has {} source ranks, the placement {} GPUs and the group {} GPUs; they must agree",
-            load.ranks,
-            placement.gpus,
-            gpus.len()
-        ));
-    }
-    if load.experts != placement.experts {
-        return Err(format!("the load has {} experts, the placement {}", load.experts, placement.experts));
-    }
+    check_shapes(load.ranks, load.experts, placement, gpus)?;
     if !(scale > 0.0 && scale.is_finite()) {
         return Err(format!("the load's scale is {scale}; it must be a positive finite number"));
     }

@@ -168,18 +168,22 @@ fn busiest(p: &Placement, loads: &[f64]) -> f64 {
             })
             .fold(0.0, f64::max);
     };
-    // `Placement::share` with shares, written out: the same quotient.
     p.slots
         .chunks_exact(spg)
         .zip(shares.chunks_exact(spg))
-        .map(|(xs, sh)| {
-            let mut t = 0.0;
-            for (&x, &s) in xs.iter().zip(sh) {
-                t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
-            }
-            t
-        })
+        .map(|(xs, sh)| shared_load(xs, sh, loads))
         .fold(0.0, f64::max)
+}
+
+/// One GPU's load: its slots' experts (`xs`) times their shares (`sh`), [`Placement::share`] written out (the
+/// same quotients, summed in slot order).
+#[inline]
+fn shared_load(xs: &[u32], sh: &[u32], loads: &[f64]) -> f64 {
+    let mut t = 0.0;
+    for (&x, &s) in xs.iter().zip(sh) {
+        t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
+    }
+    t
 }
 
 /// Buffers of the water-filling, reused between calls on one thread.
@@ -384,18 +388,9 @@ pub(crate) fn gpu_loads(p: &Placement, loads: &[f64]) -> Vec<f64> {
     let spg = p.slots_per_gpu;
     // `Placement::share` written out: the same quotients.
     match &p.shares {
-        Some(shares) => p
-            .slots
-            .chunks_exact(spg)
-            .zip(shares.chunks_exact(spg))
-            .map(|(xs, sh)| {
-                let mut t = 0.0;
-                for (&x, &s) in xs.iter().zip(sh) {
-                    t += loads[x as usize] * (s as f64 / SHARE_UNIT as f64);
-                }
-                t
-            })
-            .collect(),
+        Some(shares) => {
+            p.slots.chunks_exact(spg).zip(shares.chunks_exact(spg)).map(|(xs, sh)| shared_load(xs, sh, loads)).collect()
+        }
         None => {
             let cnt = p.replica_counts();
             p.slots
