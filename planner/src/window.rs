@@ -188,6 +188,35 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any sequence of matrices, of any shapes (empty ones, and data that does not fill them, included),
+        /// is taken in without a panic, and the prediction has the shape of the last one that fits.
+        #[test]
+        fn any_shapes_are_taken_in(
+            shapes in proptest::collection::vec((0usize..5, 0usize..5, any::<bool>()), 1..12),
+            k in 0usize..4,
+        ) {
+            let predictor = [Predictor::Last, Predictor::WindowMean { window: 3 }, Predictor::Ema { alpha: 0.5 }, Predictor::WindowMean { window: 1 }][k];
+            let mut w = LoadWindow::new(predictor, 2);
+            for (i, &(r, e, broken)) in shapes.iter().enumerate() {
+                let mut m = matrix(r, e, i as u64);
+                if broken {
+                    m.counts.push(1);
+                }
+                w.push(&m);
+                match w.predicted() {
+                    Some(p) => {
+                        prop_assert!(!broken);
+                        prop_assert_eq!(p.len(), r);
+                        prop_assert!(p.iter().all(|row| row.len() == e));
+                    }
+                    None => prop_assert!(broken),
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_new_shape_starts_over() {
         let mut w = LoadWindow::new(Predictor::WindowMean { window: 4 }, 2);
