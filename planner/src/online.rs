@@ -180,31 +180,28 @@ impl LayerContext {
 
     /// The placement as it serves `load`: with dynamic shares, its replicas' token shares rebalanced for it.
     pub fn serving(&self, load: &LoadMatrix, placement: &Placement) -> Placement {
-        if !self.dynamic_shares || placement.replica_counts().iter().all(|&c| c <= 1) {
+        if !self.rebalances(placement) {
             return placement.clone();
         }
         let loads: Vec<f64> = load.expert_loads().into_iter().map(|x| x as f64).collect();
         self.serving_for(&loads, placement)
     }
 
-    /// [`LayerContext::serving`] for a load prepared once ([`LayerContext::prepare`]).
-    pub fn serving_prepared(&self, load: &LayerLoad, placement: &Placement) -> Placement {
-        if !self.dynamic_shares || placement.replica_counts().iter().all(|&c| c <= 1) {
-            return placement.clone();
-        }
-        self.serving_for(load.expert_loads(), placement)
-    }
-
     /// [`LayerContext::serving`] for per-expert loads.
     pub fn serving_for(&self, loads: &[f64], placement: &Placement) -> Placement {
-        if !self.dynamic_shares || placement.replica_counts().iter().all(|&c| c <= 1) {
+        if !self.rebalances(placement) {
             return placement.clone();
         }
         crate::placement::shares::balanced_shares_only(placement, loads).unwrap_or_else(|_| placement.clone())
     }
 
-    /// `load` prepared once for pricing several placements under it ([`LayerContext::times_ms_prepared`],
-    /// [`LayerContext::iteration_ms_prepared`]); the results are those of the unprepared methods.
+    /// Whether serving changes `placement`'s shares: dynamic shares and a replicated expert.
+    fn rebalances(&self, placement: &Placement) -> bool {
+        self.dynamic_shares && placement.replica_counts().iter().any(|&c| c > 1)
+    }
+
+    /// `load` prepared once for pricing several placements under it ([`LayerContext::times_ms_prepared`]); the
+    /// results are those of the unprepared methods.
     pub fn prepare(&self, load: &LoadMatrix) -> LayerLoad {
         let mb = self.micro_batches.max(1);
         if mb == 1 {
@@ -222,17 +219,8 @@ impl LayerContext {
     /// Modelled time (ms) of one iteration of this layer under `load` (a whole iteration's tokens), the
     /// placement serving it as it would at run time (with dynamic shares: rebalanced for this load).
     pub fn iteration_ms(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
-        self.iteration_ms_prepared(&self.prepare(load), placement)
-    }
-
-    /// [`LayerContext::iteration_ms`] for a load prepared once.
-    pub fn iteration_ms_prepared(&self, load: &LayerLoad, placement: &Placement) -> f64 {
-        self.times_ms_prepared(load, &self.serving_prepared(load, placement)).0
-    }
-
-    /// Modelled time (ms) of one iteration with the placement exactly as given (its shares as they are).
-    pub fn iteration_ms_as_placed(&self, load: &LoadMatrix, placement: &Placement) -> f64 {
-        self.times_ms(load, placement).0
+        let load = self.prepare(load);
+        self.times_ms_prepared(&load, &self.serving_for(load.expert_loads(), placement)).0
     }
 
     /// One iteration's modelled time and its perfect-balance bound (ms), from one evaluation of the layer with the
@@ -504,9 +492,7 @@ impl LayerPrediction {
             if sums.ranks() == gpus && sums.experts() == e && sums.gpus_per_node() == gpn {
                 sums.node_loads().iter().map(|v| v * scale).collect()
             } else {
-                let rows: Vec<Vec<f64>> =
-                    (0..sums.ranks()).map(|r| (0..sums.experts()).map(|x| sums.get(r, x) * scale).collect()).collect();
-                node_source_loads(&rows, gpus, e, ctx.gpus_per_node)
+                node_source_loads(&sums.rows(scale), gpus, e, ctx.gpus_per_node)
             }
         });
         let rounded = (alg == Algorithm::Fastermoe).then(|| sums.to_matrix(scale));
@@ -726,8 +712,8 @@ pub fn decide(
 ) -> Decision {
     let windows: Vec<LoadWindow> = history
         .iter()
-        .zip(ctx.iter().map(Some).chain(std::iter::repeat(None)))
-        .map(|(h, c)| LoadWindow::from_history(cfg.predictor, c.map_or(1, |c| c.gpus_per_node), h))
+        .enumerate()
+        .map(|(l, h)| LoadWindow::from_history(cfg.predictor, ctx.get(l).map_or(1, |c| c.gpus_per_node), h))
         .collect();
     decide_windows(cfg, state, iteration, iterations_since, &windows, current, ctx)
 }

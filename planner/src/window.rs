@@ -33,11 +33,7 @@ impl LoadWindow {
     pub fn from_history(predictor: Predictor, gpus_per_node: usize, history: &[&LoadMatrix]) -> LoadWindow {
         let mut w = LoadWindow::new(predictor, gpus_per_node);
         // Only the observations the predictor can still see matter for a window.
-        let keep = match predictor {
-            Predictor::Last => 1,
-            Predictor::WindowMean { window } => window.max(1),
-            Predictor::Ema { .. } => history.len(),
-        };
+        let keep = window_len(predictor).unwrap_or(history.len());
         for m in &history[history.len().saturating_sub(keep)..] {
             w.push(m);
         }
@@ -64,11 +60,18 @@ impl LoadWindow {
         }
         let sums = self.sums.get_or_insert_with(|| SummedLoad::zeros(m.ranks, m.experts, self.gpus_per_node));
         match self.predictor {
+            Predictor::Ema { alpha } => {
+                let a = alpha.clamp(1e-6, 1.0);
+                if self.observed == 0 {
+                    sums.add(m, 1.0).expect("shape checked");
+                } else {
+                    sums.scale(1.0 - a);
+                    sums.add(m, a).expect("shape checked");
+                }
+                self.observed += 1;
+            }
             Predictor::Last | Predictor::WindowMean { .. } => {
-                let w = match self.predictor {
-                    Predictor::WindowMean { window } => window.max(1),
-                    _ => 1,
-                };
+                let w = window_len(self.predictor).unwrap_or(1);
                 sums.add(m, 1.0).expect("shape checked");
                 // In a full window the observation leaving it is taken out and its buffer takes the new one
                 // (no allocation per sample).
@@ -87,16 +90,6 @@ impl LoadWindow {
                 };
                 self.ring.push_back(copy);
                 self.observed = self.ring.len();
-            }
-            Predictor::Ema { alpha } => {
-                let a = alpha.clamp(1e-6, 1.0);
-                if self.observed == 0 {
-                    sums.add(m, 1.0).expect("shape checked");
-                } else {
-                    sums.scale(1.0 - a);
-                    sums.add(m, a).expect("shape checked");
-                }
-                self.observed += 1;
             }
         }
     }
@@ -126,9 +119,17 @@ impl LoadWindow {
 
     /// The predicted load matrix (fractional), as [`Predictor::predict`] gives it.
     pub fn predicted(&self) -> Option<Vec<Vec<f64>>> {
-        let s = self.sums()?;
-        let k = self.scale();
-        Some((0..s.ranks()).map(|r| (0..s.experts()).map(|x| s.get(r, x) * k).collect()).collect())
+        Some(self.sums()?.rows(self.scale()))
+    }
+}
+
+/// Observations a predictor averages: 1 for the last, the window for a window mean, None (all) for an
+/// exponential average.
+fn window_len(predictor: Predictor) -> Option<usize> {
+    match predictor {
+        Predictor::Last => Some(1),
+        Predictor::WindowMean { window } => Some(window.max(1)),
+        Predictor::Ema { .. } => None,
     }
 }
 

@@ -326,17 +326,9 @@ fn decision(a: DecisionBenchArgs) -> Result<()> {
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let (one_med, _, _) = one.install(|| median((0..a.repeat.max(1)).map(|_| run().0).collect()));
     // The placement step alone, per layer, for the same predicted loads (the part EPLB's algorithm does).
-    let loads: Vec<Vec<f64>> = history
+    let loads: Vec<Vec<f64>> = windows
         .iter()
-        .map(|h| {
-            let mut v = vec![0.0; a.experts];
-            for m in h {
-                for (x, y) in v.iter_mut().zip(m.expert_loads()) {
-                    *x += y as f64 / h.len() as f64;
-                }
-            }
-            v
-        })
+        .map(|w| w.sums().map_or_else(Vec::new, |s| s.expert_loads().iter().map(|v| v * w.scale()).collect()))
         .collect();
     let opts = switchyard_planner::placement::switchyard::SwitchyardOptions { gpus_per_node: 8, ..Default::default() };
     let place_ms = median(

@@ -115,8 +115,8 @@ impl PreparedLoad {
         PreparedLoad { ranks: r, experts: e, loads, own, by_expert }
     }
 
-    /// A prepared load from its parts, for a caller that derives them in its own pass over the counts (the policy
-    /// fuses this with its prediction): `loads[x]` the column sums, `own[s]` the row sums and `by_expert[x * ranks
+    /// A prepared load from its parts, for a caller that derives them in its own pass (a fractional load, as the
+    /// policy's tests price their reference): `loads[x]` the column sums, `own[s]` the row sums and `by_expert[x * ranks
     /// + s]` the counts, all as floats. They must be what [`PreparedLoad::new`] computes for the same counts
     /// (for whole-number counts whose sums stay below 2^53, each sum is the integer sum converted once) for the
     /// pricing to equal [`moe_layer_exact`]'s. Panics when the lengths disagree with `ranks` and `experts`.
@@ -132,11 +132,6 @@ impl PreparedLoad {
             "prepared load parts of the wrong lengths"
         );
         PreparedLoad { ranks, experts, loads, own, by_expert }
-    }
-
-    /// The parts back (`loads`, `own`, `by_expert`), for reusing their buffers.
-    pub fn into_parts(self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        (self.loads, self.own, self.by_expert)
     }
 
     /// Tokens routed to each expert.
@@ -237,16 +232,8 @@ fn price_with(
     let d = shape.d_model as f64;
     let ng = placement.gpus;
     let spg = placement.slots_per_gpu.max(1);
-    let ns = placement.slots.len();
-    let cnt = &mut w.cnt;
-    cnt.clear();
-    cnt.resize(placement.experts, 0);
-    for &x in &placement.slots {
-        cnt[x as usize] += 1;
-    }
-    let share = &mut w.share;
-    share.clear();
-    share.extend((0..ns).map(|slot| placement.share(slot, cnt)));
+    slot_shares(placement, &mut w.cnt, &mut w.share);
+    let (cnt, share) = (&w.cnt, &w.share);
     let (gpu_time, gpu_tokens) =
         gpu_compute_s(shape, fabric, c, placement, share, |x| load.loads[x], load.own.iter().copied());
     // Dispatch bytes s -> g (each source's tokens to each GPU, as [`traffic_tokens`] counts them) and the
@@ -281,6 +268,18 @@ fn price_with(
     let grad_bytes = shape.expert_params() * shape.grad_bytes as f64;
     let sync_s = replica_sync_of(placement, cnt, gpus, grad_bytes, fabric, &mut w.sync);
     Ok(layer_time(gpu_time, gpu_tokens, a2a_s, sync_s, c))
+}
+
+/// Each expert's replica count (`cnt`) and the share of its expert's tokens each slot takes (`share`), into
+/// reused buffers.
+pub(super) fn slot_shares(placement: &Placement, cnt: &mut Vec<u32>, share: &mut Vec<f64>) {
+    cnt.clear();
+    cnt.resize(placement.experts, 0);
+    for &x in &placement.slots {
+        cnt[x as usize] += 1;
+    }
+    share.clear();
+    share.extend((0..placement.slots.len()).map(|slot| placement.share(slot, cnt)));
 }
 
 /// The layer's time from its parts: per-GPU compute (s) and tokens, the all-to-all and replica sync times (s).

@@ -14,7 +14,7 @@
 use super::fabric::Fabric;
 use super::moe::{
     A2aLinks, A2aScratch, MoeLayerShape, MoeLayerTime, SyncScratch, check_shapes, gpu_compute_s, layer_time,
-    replica_sync_of,
+    replica_sync_of, slot_shares,
 };
 use crate::cluster::ModelConstants;
 use crate::placement::Placement;
@@ -111,11 +111,7 @@ impl SummedLoad {
             }
             self.row[s] += row;
             if changed > 0 {
-                let (word, bit) = (s / 64, 1u64 << (s % 64));
-                for (x, &v) in vals.iter().enumerate() {
-                    let r = &mut self.routes[x * self.words + word];
-                    *r = if v > 0.0 { *r | bit } else { *r & !bit };
-                }
+                self.refresh_routes(s);
             }
         }
         Ok(())
@@ -128,29 +124,18 @@ impl SummedLoad {
                 *x *= factor;
             }
         }
-        if factor <= 0.0 || !factor.is_finite() {
-            self.recompute_routes();
-        } else {
-            // Entries that underflowed to zero no longer route.
-            for s in 0..self.ranks {
-                let (word, bit) = (s / 64, 1u64 << (s % 64));
-                for (x, &v) in self.values[s * self.experts..(s + 1) * self.experts].iter().enumerate() {
-                    if v <= 0.0 {
-                        self.routes[x * self.words + word] &= !bit;
-                    }
-                }
-            }
+        // Entries that underflowed to zero (or changed sign) route no more, or now do.
+        for s in 0..self.ranks {
+            self.refresh_routes(s);
         }
     }
 
-    fn recompute_routes(&mut self) {
-        self.routes.fill(0);
-        for s in 0..self.ranks {
-            for (x, &v) in self.values[s * self.experts..(s + 1) * self.experts].iter().enumerate() {
-                if v > 0.0 {
-                    self.routes[x * self.words + s / 64] |= 1 << (s % 64);
-                }
-            }
+    /// Rank `s`'s bit in every expert's route set: set where its entry is positive.
+    fn refresh_routes(&mut self, s: usize) {
+        let (word, bit) = (s / 64, 1u64 << (s % 64));
+        for (x, &v) in self.values[s * self.experts..(s + 1) * self.experts].iter().enumerate() {
+            let r = &mut self.routes[x * self.words + word];
+            *r = if v > 0.0 { *r | bit } else { *r & !bit };
         }
     }
 
@@ -197,6 +182,12 @@ impl SummedLoad {
     /// Sum over each node's ranks, per expert (nodes x experts, row-major).
     pub fn node_loads(&self) -> &[f64] {
         &self.node_col
+    }
+
+    /// The entries times `scale`, one vector per rank.
+    pub fn rows(&self, scale: f64) -> Vec<Vec<f64>> {
+        let e = self.experts;
+        (0..self.ranks).map(|s| self.values[s * e..(s + 1) * e].iter().map(|v| v * scale).collect()).collect()
     }
 
     /// The entries as a load matrix of whole tokens after multiplying by `scale` (rounded, negatives as 0).
@@ -283,15 +274,7 @@ fn price_summed(
     let e = placement.experts;
     let ng = placement.gpus;
     let spg = placement.slots_per_gpu.max(1);
-    let ns = placement.slots.len();
-    w.cnt.clear();
-    w.cnt.resize(e, 0);
-    for &x in &placement.slots {
-        w.cnt[x as usize] += 1;
-    }
-    let cnt = &w.cnt;
-    w.share.clear();
-    w.share.extend((0..ns).map(|slot| placement.share(slot, cnt)));
+    slot_shares(placement, &mut w.cnt, &mut w.share);
     let share = &w.share;
     let (gpu_time, gpu_tokens) =
         gpu_compute_s(shape, fabric, c, placement, share, |x| load.col[x] * scale, load.row.iter().map(|r| r * scale));
