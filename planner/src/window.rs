@@ -72,21 +72,20 @@ impl LoadWindow {
             }
             Predictor::Last | Predictor::WindowMean { .. } => {
                 let w = window_len(self.predictor).unwrap_or(1);
-                sums.add(m, 1.0).expect("shape checked");
-                // In a full window the observation leaving it is taken out and its buffer takes the new one
-                // (no allocation per sample).
-                let mut slot = None;
-                while self.ring.len() >= w {
+                // In a full window the observation leaving it is taken out in the same pass that adds the new one,
+                // and its buffer takes the new one (no allocation per sample).
+                while self.ring.len() > w {
                     let old = self.ring.pop_front().expect("not empty");
                     sums.add(&old, -1.0).expect("shape checked");
-                    slot = Some(old);
                 }
-                let copy = match slot {
-                    Some(mut old) => {
-                        old.counts.copy_from_slice(&m.counts);
-                        old
-                    }
-                    None => m.clone(),
+                let copy = if self.ring.len() == w {
+                    let mut old = self.ring.pop_front().expect("a full window");
+                    sums.replace(m, &old).expect("shape checked");
+                    old.counts.copy_from_slice(&m.counts);
+                    old
+                } else {
+                    sums.add(m, 1.0).expect("shape checked");
+                    m.clone()
                 };
                 self.ring.push_back(copy);
                 self.observed = self.ring.len();

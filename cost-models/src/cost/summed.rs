@@ -74,6 +74,22 @@ impl SummedLoad {
     /// Adds `weight` times `m` (weight -1 takes a matrix added before back out: whole counts below 2^53 cancel
     /// exactly). Errors when `m`'s shape differs or its data does not fill it.
     pub fn add(&mut self, m: &LoadMatrix, weight: f64) -> Result<(), String> {
+        self.check(m)?;
+        self.accumulate(m, None, weight);
+        Ok(())
+    }
+
+    /// Adds `new` and takes `old` out in one pass: the same sums as `add(new, 1)` then `add(old, -1)` for whole
+    /// counts below 2^52 (a full window's step: the observation entering and the one leaving), at the cost of
+    /// one. Errors when either shape differs or its data does not fill it.
+    pub fn replace(&mut self, new: &LoadMatrix, old: &LoadMatrix) -> Result<(), String> {
+        self.check(new)?;
+        self.check(old)?;
+        self.accumulate(new, Some(old), 1.0);
+        Ok(())
+    }
+
+    fn check(&self, m: &LoadMatrix) -> Result<(), String> {
         if m.ranks != self.ranks || m.experts != self.experts || m.counts.len() != m.ranks * m.experts {
             return Err(format!(
                 "a {}x{} load matrix ({} counts) cannot be added to a {}x{} sum",
@@ -84,37 +100,72 @@ impl SummedLoad {
                 self.experts
             ));
         }
+        Ok(())
+    }
+
+    /// Adds `weight x (m - minus)` (`minus` absent: zero); shapes already checked.
+    fn accumulate(&mut self, m: &LoadMatrix, minus: Option<&LoadMatrix>, weight: f64) {
         let e = self.experts;
         for s in 0..self.ranks {
             let n = s / self.gpus_per_node;
             let counts = &m.counts[s * e..(s + 1) * e];
-            // Counts below 2^52 convert to floats in vector registers (see `small_to_f64`), and a row of fewer
-            // than 4096 of them sums exactly in 64-bit integers.
-            let small = counts.iter().fold(0u64, |a, &c| a | c) >> 52 == 0;
-            let row = if small && e < 4096 {
-                weight * counts.iter().copied().fold(0u64, u64::wrapping_add) as f64
-            } else {
-                counts.iter().map(|&c| weight * c as f64).sum()
+            let less = minus.map(|o| &o.counts[s * e..(s + 1) * e]);
+            // Counts below 2^52 convert to floats in vector registers (see `small_to_f64`) and their differences
+            // are exact, and a row of fewer than 4096 of them sums exactly in 64-bit integers.
+            let below = |c: &[u64]| c.iter().fold(0u64, |a, &c| a | c) >> 52 == 0;
+            let small = below(counts) && less.is_none_or(below);
+            let sum = |c: &[u64]| {
+                if small && e < 4096 {
+                    c.iter().copied().fold(0u64, u64::wrapping_add) as f64
+                } else {
+                    c.iter().map(|&c| c as f64).sum()
+                }
+            };
+            let row = match less {
+                Some(l) => weight * (sum(counts) - sum(l)),
+                None => weight * sum(counts),
             };
             let vals = &mut self.values[s * e..(s + 1) * e];
             let node = &mut self.node_col[n * e..(n + 1) * e];
             // One pass without branches (adding a zero changes nothing) or chains of dependent additions;
             // entries whose sign changed are counted, and only then are this rank's routes looked at again.
             let mut changed = 0u64;
-            for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
-                let dv = weight * if small { small_to_f64(c) } else { c as f64 };
+            let mut step = |v: &mut f64, nc: &mut f64, cs: &mut f64, dv: f64| {
                 let before = *v > 0.0;
                 *v += dv;
                 *nc += dv;
                 *cs += dv;
                 changed += (before != (*v > 0.0)) as u64;
+            };
+            match (less, small) {
+                (None, true) => {
+                    for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
+                        step(v, nc, cs, weight * small_to_f64(c));
+                    }
+                }
+                (None, false) => {
+                    for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
+                        step(v, nc, cs, weight * c as f64);
+                    }
+                }
+                (Some(l), true) => {
+                    let it = vals.iter_mut().zip(counts.iter().zip(l)).zip(node.iter_mut()).zip(&mut self.col);
+                    for (((v, (&c, &o)), nc), cs) in it {
+                        step(v, nc, cs, weight * (small_to_f64(c) - small_to_f64(o)));
+                    }
+                }
+                (Some(l), false) => {
+                    let it = vals.iter_mut().zip(counts.iter().zip(l)).zip(node.iter_mut()).zip(&mut self.col);
+                    for (((v, (&c, &o)), nc), cs) in it {
+                        step(v, nc, cs, weight * c as f64 - weight * o as f64);
+                    }
+                }
             }
             self.row[s] += row;
             if changed > 0 {
                 self.refresh_routes(s);
             }
         }
-        Ok(())
     }
 
     /// Multiplies every entry and sum by `factor` (an exponential average's decay).
@@ -564,6 +615,17 @@ mod tests {
                 s.add(m, -1.0).unwrap();
             }
             prop_assert_eq!(&s, &SummedLoad::from_matrix(&ms[n - 1], 4));
+            // A window's step in one pass (the newest in, the oldest out) leaves the same sums as two.
+            let mut one = SummedLoad::zeros(ranks, experts, 4);
+            let mut two = one.clone();
+            for m in &ms[..n - 1] {
+                one.add(m, 1.0).unwrap();
+                two.add(m, 1.0).unwrap();
+            }
+            one.replace(&ms[n - 1], &ms[0]).unwrap();
+            two.add(&ms[n - 1], 1.0).unwrap();
+            two.add(&ms[0], -1.0).unwrap();
+            prop_assert_eq!(&one, &two);
         }
     }
 
