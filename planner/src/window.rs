@@ -2,8 +2,9 @@
 //! mean, the one leaving the window taken back out), so that a decision reads a prediction that is ready, with
 //! its column, row and per-node sums, instead of summing the window again.
 //!
-//! Sampling costs one pass over the new matrix (and one over the matrix leaving the window): a few microseconds
-//! per layer per iteration at 64 ranks x 256 experts (`switchyard bench decision` reports it).
+//! Sampling costs one pass over the new matrix and, in a full window, the matrix leaving it, taken together
+//! ([`SummedLoad::replace`]): tens of microseconds per layer per iteration at 64 ranks x 256 experts
+//! (`switchyard bench decision` reports it).
 
 use std::collections::VecDeque;
 
