@@ -1,4 +1,5 @@
-//! End-to-end tests of `switchyard bench kernels` (tiny shapes: what is checked is the interface, not speed).
+//! End-to-end tests of `switchyard bench kernels` and `bench decision` (tiny shapes: what is checked is the
+//! interface, not speed).
 
 use std::process::{Command, Output};
 
@@ -66,4 +67,23 @@ fn kernels_device_cuda_measures_the_gpu_or_names_what_is_missing() {
     let bad = with(&["--device", "tpu"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--device tpu"));
+}
+
+#[test]
+fn decision_json_reports_first_and_steady_decisions_beside_eplb() {
+    let o = run(&["bench", "decision", "--experts", "16", "--gpus", "8", "--layers", "3", "--repeat", "1", "--json"]);
+    let v = json(&o);
+    for k in [
+        "decision_median_ms",
+        "decision_one_thread_median_ms",
+        "steady_decision_median_ms",
+        "eplb_global_median_ms",
+        "eplb_hierarchical_median_ms",
+        "placement_only_median_ms",
+        "sampling_ms_per_iteration",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    assert_eq!(v["target_ms"].as_f64(), Some(5.0));
+    assert_eq!((v["experts"].as_u64(), v["gpus"].as_u64(), v["layers"].as_u64()), (Some(16), Some(8), Some(3)));
 }
