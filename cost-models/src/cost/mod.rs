@@ -15,6 +15,8 @@ pub mod moe;
 pub mod pipeline;
 pub mod summed;
 pub mod tables;
+#[cfg(test)]
+mod test_fixtures;
 
 pub use fabric::{Fabric, LinkInfo};
 pub use iteration::{IterationCost, MoeLoadProfile, TimeBreakdown, price_plan};

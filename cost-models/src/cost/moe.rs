@@ -878,6 +878,7 @@ mod prepared_equals_reference {
     use proptest::prelude::*;
 
     use super::super::comm::all_to_all_time_s;
+    use super::super::test_fixtures::{self, Shares, shape};
     use super::*;
 
     fn reference_sync(sets: &[Vec<u32>], bytes: f64, fabric: &Fabric) -> f64 {
@@ -1018,43 +1019,9 @@ mod prepared_equals_reference {
             && a.imbalance.to_bits() == b.imbalance.to_bits()
     }
 
-    /// Sizes that are not powers of two, so that a change in the order of operations changes the roundings.
-    fn shape() -> MoeLayerShape {
-        MoeLayerShape {
-            d_model: 1000,
-            d_ffn: 1408,
-            gated: true,
-            act_bytes: 3,
-            param_bytes: 2,
-            grad_bytes: 4,
-            peak_flops: 989e12,
-        }
-    }
-
-    /// A placement of `experts` on `gpus` GPUs with `slots` slots from a seed: every expert once, the rest at
-    /// random (repeats on one GPU allowed), optionally with random shares.
+    /// A placement of `experts` on `gpus` GPUs with `slots` slots from a seed, optionally with random shares.
     fn placement(gpus: usize, slots: usize, experts: usize, seed: u64, shares: bool) -> Placement {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
-        let mut v: Vec<u32> = (0..experts as u32).collect();
-        while v.len() < gpus * slots {
-            v.push(next(experts) as u32);
-        }
-        for i in (1..v.len()).rev() {
-            v.swap(i, next(i + 1));
-        }
-        let p = Placement::new(gpus, slots, experts, v).unwrap();
-        if shares {
-            let f: Vec<f64> = (0..p.slots.len()).map(|_| next(1000) as f64).collect();
-            p.with_shares(&f).unwrap()
-        } else {
-            p
-        }
+        test_fixtures::placement(gpus, slots, experts, seed, if shares { Shares::Random } else { Shares::Even })
     }
 
     proptest! {

@@ -127,40 +127,21 @@ impl SummedLoad {
             };
             let vals = &mut self.values[s * e..(s + 1) * e];
             let node = &mut self.node_col[n * e..(n + 1) * e];
-            // One pass without branches (adding a zero changes nothing) or chains of dependent additions;
-            // entries whose sign changed are counted, and only then are this rank's routes looked at again.
-            let mut changed = 0u64;
-            let mut step = |v: &mut f64, nc: &mut f64, cs: &mut f64, dv: f64| {
-                let before = *v > 0.0;
-                *v += dv;
-                *nc += dv;
-                *cs += dv;
-                changed += (before != (*v > 0.0)) as u64;
-            };
-            match (less, small) {
-                (None, true) => {
-                    for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
-                        step(v, nc, cs, weight * small_to_f64(c));
-                    }
-                }
-                (None, false) => {
-                    for (((v, &c), nc), cs) in vals.iter_mut().zip(counts).zip(node.iter_mut()).zip(&mut self.col) {
-                        step(v, nc, cs, weight * c as f64);
-                    }
-                }
-                (Some(l), true) => {
-                    let it = vals.iter_mut().zip(counts.iter().zip(l)).zip(node.iter_mut()).zip(&mut self.col);
-                    for (((v, (&c, &o)), nc), cs) in it {
-                        step(v, nc, cs, weight * (small_to_f64(c) - small_to_f64(o)));
-                    }
-                }
+            // (The conversion is chosen outside the loop, so that each loop is straight-line code.)
+            let col = &mut self.col;
+            let changed = match (less, small) {
+                (None, true) => add_row(vals, node, col, counts.iter().map(|&c| weight * small_to_f64(c))),
+                (None, false) => add_row(vals, node, col, counts.iter().map(|&c| weight * c as f64)),
+                (Some(l), true) => add_row(
+                    vals,
+                    node,
+                    col,
+                    counts.iter().zip(l).map(|(&c, &o)| weight * (small_to_f64(c) - small_to_f64(o))),
+                ),
                 (Some(l), false) => {
-                    let it = vals.iter_mut().zip(counts.iter().zip(l)).zip(node.iter_mut()).zip(&mut self.col);
-                    for (((v, (&c, &o)), nc), cs) in it {
-                        step(v, nc, cs, weight * c as f64 - weight * o as f64);
-                    }
+                    add_row(vals, node, col, counts.iter().zip(l).map(|(&c, &o)| weight * (c as f64 - o as f64)))
                 }
-            }
+            };
             self.row[s] += row;
             if changed > 0 {
                 self.refresh_routes(s);
@@ -249,6 +230,21 @@ impl SummedLoad {
             counts: self.values.iter().map(|v| (v * scale).round().max(0.0) as u64).collect(),
         }
     }
+}
+
+/// Adds `dv` to a row's entries and to its node's and the experts' sums in one pass without branches (adding a
+/// zero changes nothing) or chains of dependent additions; returns how many entries changed sign (only then are
+/// the rank's routes looked at again).
+fn add_row(vals: &mut [f64], node: &mut [f64], col: &mut [f64], dv: impl Iterator<Item = f64>) -> u64 {
+    let mut changed = 0u64;
+    for (((v, nc), cs), d) in vals.iter_mut().zip(node.iter_mut()).zip(col.iter_mut()).zip(dv) {
+        let before = *v > 0.0;
+        *v += d;
+        *nc += d;
+        *cs += d;
+        changed += (before != (*v > 0.0)) as u64;
+    }
+    changed
 }
 
 /// `x as f64` for `x` below 2^52 (`2^52 + x` is exact, and so is taking 2^52 away): integer and float operations
@@ -499,49 +495,13 @@ mod tests {
     use proptest::prelude::*;
 
     use super::super::moe::moe_layer_exact;
+    use super::super::test_fixtures::{self as fixtures, Shares, rng, shape};
     use super::*;
 
-    fn shape() -> MoeLayerShape {
-        MoeLayerShape {
-            d_model: 1000,
-            d_ffn: 1408,
-            gated: true,
-            act_bytes: 3,
-            param_bytes: 2,
-            grad_bytes: 4,
-            peak_flops: 989e12,
-        }
-    }
-
-    fn rng(seed: u64) -> impl FnMut(usize) -> usize {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        move |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        }
-    }
-
-    /// Every expert once, the rest at random (repeats on one GPU allowed), optionally with random shares.
+    /// Every expert once, the rest at random (repeats on one GPU allowed), optionally with random shares, some
+    /// of them zero.
     fn placement(gpus: usize, slots: usize, experts: usize, seed: u64, shares: bool) -> Placement {
-        let mut next = rng(seed);
-        let mut v: Vec<u32> = (0..experts as u32).collect();
-        while v.len() < gpus * slots {
-            v.push(next(experts) as u32);
-        }
-        for i in (1..v.len()).rev() {
-            v.swap(i, next(i + 1));
-        }
-        let p = Placement::new(gpus, slots, experts, v).unwrap();
-        if shares {
-            // Some zero shares, so that some slots receive nothing.
-            let f: Vec<f64> =
-                (0..p.slots.len()).map(|_| next(4).saturating_sub(1) as f64 * next(1000) as f64).collect();
-            p.clone().with_shares(&f).unwrap_or(p)
-        } else {
-            p
-        }
+        fixtures::placement(gpus, slots, experts, seed, if shares { Shares::SomeZero } else { Shares::Even })
     }
 
     /// Sparse counts: about a third of the entries zero, so that the latency term's peer counts vary.
