@@ -8,10 +8,12 @@
 //!   projections are one GEMM; `W_out = W2: [h, d]`.
 //!
 //! The input is the grouped buffer of [`crate::dispatch`]: expert `e` owns rows
-//! `offsets[e]..offsets[e + 1]`. Experts run one after another, each GEMM using all threads
-//! (never a parallel loop over experts with threaded GEMMs inside); bias and activation are fused
-//! into one parallel pass after the first GEMM; the output bias is pre-filled so the second GEMM
-//! accumulates onto it.
+//! `offsets[e]..offsets[e + 1]`. With one thread (or OpenBLAS) experts run one after another, each
+//! GEMM using all threads; with several threads and the pure-Rust GEMM, experts of similar size run
+//! side by side in lanes, one single-threaded GEMM each (never threaded GEMMs inside a parallel
+//! loop), and an expert with more than a lane's share of the rows runs alone on all threads first
+//! (see `Schedule` below). Bias and activation are fused into one pass after the first GEMM; the output
+//! bias is pre-filled so the second GEMM accumulates onto it.
 
 use crate::activation;
 use crate::bf16::{Storage, Stored, bf16_to_f32, f32_to_bf16};
@@ -191,6 +193,8 @@ pub struct ExpertGrads {
     /// `d loss / d b_out`, `[E, d]` (empty for SwiGLU).
     pub d_b_out: Vec<f32>,
     scratch: Scratch,
+    /// One scratch per lane of experts run side by side.
+    lanes: Vec<Scratch>,
 }
 
 /// Activations saved by [`experts_forward`] for [`experts_backward`], plus reusable scratch.
@@ -205,6 +209,8 @@ pub struct ExpertCache {
     pre_bf16: Vec<bf16>,
     post_bf16: Vec<bf16>,
     scratch: Scratch,
+    /// One scratch per lane of experts run side by side.
+    lanes: Vec<Scratch>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -278,55 +284,161 @@ pub fn experts_forward(
             cache.post.clear();
         }
     }
-    let sc = &mut cache.scratch;
-    for e in 0..e_n {
-        let (r0, r1) = (offsets[e], offsets[e + 1]);
-        let rows = r1 - r0;
-        if rows == 0 {
-            continue;
+    let plan = schedule(cx, offsets);
+    set_lanes(&mut cache.lanes, plan.lanes.len());
+    let mut rows: Vec<Option<FwdRows<'_>>> = rows_of(&mut cache.pre, offsets, hin)
+        .into_iter()
+        .zip(rows_of(&mut cache.post, offsets, h))
+        .zip(rows_of(&mut cache.pre_bf16, offsets, hin))
+        .zip(rows_of(&mut cache.post_bf16, offsets, h))
+        .zip(rows_of(output, offsets, d))
+        .map(|((((pre, post), pre16), post16), y)| Some(FwdRows { pre, post, pre16, post16, y }))
+        .collect();
+    let x_of = |e: usize| &input[offsets[e] * d..offsets[e + 1] * d];
+    for &e in &plan.whole {
+        let out = rows[e].take().expect("each expert is scheduled once");
+        expert_forward(cx, params, e, x_of(e), out, &mut cache.scratch)?;
+    }
+    let one = Compute { threads: 1, ..*cx };
+    let lanes: Vec<Vec<(usize, FwdRows<'_>)>> = plan
+        .lanes
+        .iter()
+        .map(|lane| lane.iter().map(|&e| (e, rows[e].take().expect("each expert is scheduled once"))).collect())
+        .collect();
+    lanes.into_par_iter().zip(cache.lanes.par_iter_mut()).try_for_each(|(lane, sc)| {
+        lane.into_iter().try_for_each(|(e, out)| expert_forward(&one, params, e, x_of(e), out, sc))
+    })
+}
+
+/// One expert's rows of the forward's outputs (empty slices for the storage not in use).
+struct FwdRows<'a> {
+    pre: &'a mut [f32],
+    post: &'a mut [f32],
+    pre16: &'a mut [bf16],
+    post16: &'a mut [bf16],
+    y: &'a mut [f32],
+}
+
+/// Forward of expert `e` on its rows `x_e` (at least one).
+fn expert_forward(
+    cx: &Compute,
+    params: &ExpertParams,
+    e: usize,
+    x_e: &[f32],
+    out: FwdRows<'_>,
+    sc: &mut Scratch,
+) -> Result<()> {
+    let (d, h) = (params.d_model, params.d_ffn);
+    let hin = params.activation.in_width(h);
+    let rows = x_e.len() / d;
+    let storage = params.storage();
+    let w_in = params.w_in.view_f32(e * d * hin, (e + 1) * d * hin, &mut sc.w_a);
+    let w_out = params.w_out.view_f32(e * h * d, (e + 1) * h * d, &mut sc.w_b);
+    let (pre, post): (&mut [f32], &mut [f32]) = match storage {
+        Storage::F32 => (out.pre, out.post),
+        Storage::Bf16 => {
+            set_len(&mut sc.pre, rows * hin);
+            set_len(&mut sc.post, rows * h);
+            (&mut sc.pre[..], &mut sc.post[..])
         }
-        let x_e = &input[r0 * d..r1 * d];
-        let w_in = params.w_in.view_f32(e * d * hin, (e + 1) * d * hin, &mut sc.w_a);
-        let w_out = params.w_out.view_f32(e * h * d, (e + 1) * h * d, &mut sc.w_b);
-        let (pre, post): (&mut [f32], &mut [f32]) = match storage {
-            Storage::F32 => (&mut cache.pre[r0 * hin..r1 * hin], &mut cache.post[r0 * h..r1 * h]),
-            Storage::Bf16 => {
-                set_len(&mut sc.pre, rows * hin);
-                set_len(&mut sc.post, rows * h);
-                (&mut sc.pre[..], &mut sc.post[..])
-            }
-        };
-        sgemm(cx, Trans::No, Trans::No, rows, hin, d, x_e, d, w_in, hin, pre, hin, false)?;
-        match params.activation {
-            Activation::Gelu => {
-                let b = &params.b_in[e * h..(e + 1) * h];
-                pre.par_chunks_mut(ROW_BLOCK * h)
-                    .zip(post.par_chunks_mut(ROW_BLOCK * h))
-                    .for_each(|(hc, ac)| activation::bias_gelu_forward(hc, ac, Some(b), h));
-            }
-            Activation::SwiGlu => {
-                pre.par_chunks(ROW_BLOCK * hin)
-                    .zip(post.par_chunks_mut(ROW_BLOCK * h))
-                    .for_each(|(gu, ac)| activation::swiglu_forward(gu, ac, h));
-            }
+    };
+    sgemm(cx, Trans::No, Trans::No, rows, hin, d, x_e, d, w_in, hin, pre, hin, false)?;
+    match params.activation {
+        Activation::Gelu => {
+            let b = &params.b_in[e * h..(e + 1) * h];
+            pre.par_chunks_mut(ROW_BLOCK * h)
+                .zip(post.par_chunks_mut(ROW_BLOCK * h))
+                .for_each(|(hc, ac)| activation::bias_gelu_forward(hc, ac, Some(b), h));
         }
-        let y_e = &mut output[r0 * d..r1 * d];
-        let accumulate = params.activation.has_bias();
-        if accumulate {
-            let b = &params.b_out[e * d..(e + 1) * d];
-            y_e.par_chunks_mut(ROW_BLOCK * d).for_each(|c| {
-                for r in c.chunks_exact_mut(d) {
-                    r.copy_from_slice(b);
-                }
-            });
-        }
-        sgemm(cx, Trans::No, Trans::No, rows, d, h, post, h, w_out, d, y_e, d, accumulate)?;
-        if storage == Storage::Bf16 {
-            f32_to_bf16(pre, &mut cache.pre_bf16[r0 * hin..r1 * hin]);
-            f32_to_bf16(post, &mut cache.post_bf16[r0 * h..r1 * h]);
+        Activation::SwiGlu => {
+            pre.par_chunks(ROW_BLOCK * hin)
+                .zip(post.par_chunks_mut(ROW_BLOCK * h))
+                .for_each(|(gu, ac)| activation::swiglu_forward(gu, ac, h));
         }
     }
+    let accumulate = params.activation.has_bias();
+    if accumulate {
+        let b = &params.b_out[e * d..(e + 1) * d];
+        out.y.par_chunks_mut(ROW_BLOCK * d).for_each(|c| {
+            for r in c.chunks_exact_mut(d) {
+                r.copy_from_slice(b);
+            }
+        });
+    }
+    sgemm(cx, Trans::No, Trans::No, rows, d, h, post, h, w_out, d, out.y, d, accumulate)?;
+    if storage == Storage::Bf16 {
+        f32_to_bf16(pre, out.pre16);
+        f32_to_bf16(post, out.post16);
+    }
     Ok(())
+}
+
+/// The order in which one call runs its experts (those with at least one row): `whole` one after another,
+/// every GEMM on all threads; then the `lanes` side by side, one thread each, each lane's experts in turn.
+///
+/// With several threads, the pure-Rust GEMM of one expert's ~1000 rows splits over the threads less well than
+/// separate experts run on separate threads (measured in docs/BENCHMARKS.md). Experts with more than a lane's
+/// share of the rows (`rows x threads > all rows`) stay whole so that no lane waits on one big expert; the rest
+/// go to the lane with the fewest rows so far, biggest first. The schedule depends only on the offsets and the
+/// thread count, and each expert's arithmetic only on its own rows, so results do not depend on timing. OpenBLAS
+/// keeps the sequential order (its thread count is one global setting).
+struct Schedule {
+    whole: Vec<usize>,
+    lanes: Vec<Vec<usize>>,
+}
+
+fn schedule(cx: &Compute, offsets: &[usize]) -> Schedule {
+    let rows = |e: usize| offsets[e + 1] - offsets[e];
+    let total = offsets.last().copied().unwrap_or(0);
+    let busy: Vec<usize> = (0..offsets.len().saturating_sub(1)).filter(|&e| rows(e) > 0).collect();
+    let threads = cx.threads.max(1);
+    if threads == 1 || cx.backend != crate::gemm::GemmBackend::PureRust {
+        return Schedule { whole: busy, lanes: Vec::new() };
+    }
+    let (whole, mut rest): (Vec<usize>, Vec<usize>) = busy.into_iter().partition(|&e| rows(e) * threads > total);
+    if rest.len() < 2 {
+        let mut whole = whole;
+        whole.extend(rest);
+        whole.sort_unstable();
+        return Schedule { whole, lanes: Vec::new() };
+    }
+    rest.sort_by_key(|&e| (std::cmp::Reverse(rows(e)), e));
+    let mut lanes = vec![Vec::new(); threads.min(rest.len())];
+    let mut load = vec![0usize; lanes.len()];
+    for e in rest {
+        let l = (0..lanes.len()).min_by_key(|&l| (load[l], l)).expect("at least one lane");
+        lanes[l].push(e);
+        load[l] += rows(e);
+    }
+    Schedule { whole, lanes }
+}
+
+/// `buf` cut into each expert's rows, `width` values per row (all empty when `buf` is).
+fn rows_of<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let len = if buf.is_empty() { 0 } else { (w[1] - w[0]) * width };
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// `buf` (`[E, ...]`) cut into its `experts` equal parts (all empty when `buf` is).
+fn per_expert(buf: &mut [f32], experts: usize) -> Vec<&mut [f32]> {
+    let width = buf.len() / experts.max(1);
+    if width == 0 {
+        return (0..experts).map(|_| &mut [][..]).collect();
+    }
+    buf.chunks_mut(width).collect()
+}
+
+/// One scratch per lane, kept between calls.
+fn set_lanes(lanes: &mut Vec<Scratch>, n: usize) {
+    if lanes.len() < n {
+        lanes.resize_with(n, Scratch::default);
+    }
 }
 
 /// Backward of [`experts_forward`].
@@ -378,95 +490,141 @@ pub fn experts_backward(
     }
     set_len(d_input, n * d);
     let offsets = &cache.offsets;
-    let sc = &mut grads.scratch;
-    for e in 0..e_n {
-        let (r0, r1) = (offsets[e], offsets[e + 1]);
-        let rows = r1 - r0;
-        let dw_in = &mut grads.d_w_in[e * d * hin..(e + 1) * d * hin];
-        let dw_out = &mut grads.d_w_out[e * h * d..(e + 1) * h * d];
-        if rows == 0 {
-            dw_in.fill(0.0);
-            dw_out.fill(0.0);
-            if has_bias {
-                grads.d_b_in[e * h..(e + 1) * h].fill(0.0);
-                grads.d_b_out[e * d..(e + 1) * d].fill(0.0);
-            }
-            continue;
+    let plan = schedule(cx, offsets);
+    set_lanes(&mut grads.lanes, plan.lanes.len());
+    let mut rows: Vec<Option<BwdRows<'_>>> = per_expert(&mut grads.d_w_in, e_n)
+        .into_iter()
+        .zip(per_expert(&mut grads.d_w_out, e_n))
+        .zip(per_expert(&mut grads.d_b_in, e_n))
+        .zip(per_expert(&mut grads.d_b_out, e_n))
+        .zip(rows_of(d_input, offsets, d))
+        .map(|((((dw_in, dw_out), db_in), db_out), dx)| Some(BwdRows { dw_in, dw_out, db_in, db_out, dx }))
+        .collect();
+    for (e, r) in rows.iter_mut().enumerate() {
+        if offsets[e + 1] == offsets[e] {
+            let r = r.take().expect("each expert once");
+            r.dw_in.fill(0.0);
+            r.dw_out.fill(0.0);
+            r.db_in.fill(0.0);
+            r.db_out.fill(0.0);
         }
-        let x_e = &input[r0 * d..r1 * d];
-        let dy_e = &d_output[r0 * d..r1 * d];
-        let (pre, post): (&[f32], &[f32]) = match cache.storage {
-            Storage::F32 => (&cache.pre[r0 * hin..r1 * hin], &cache.post[r0 * h..r1 * h]),
-            Storage::Bf16 => {
-                set_len(&mut sc.pre, rows * hin);
-                set_len(&mut sc.post, rows * h);
-                bf16_to_f32(&cache.pre_bf16[r0 * hin..r1 * hin], &mut sc.pre);
-                bf16_to_f32(&cache.post_bf16[r0 * h..r1 * h], &mut sc.post);
-                (&sc.pre[..], &sc.post[..])
-            }
-        };
-        let w_in = params.w_in.view_f32(e * d * hin, (e + 1) * d * hin, &mut sc.w_a);
-        let w_out = params.w_out.view_f32(e * h * d, (e + 1) * h * d, &mut sc.w_b);
-
-        // d W_out = A^T dY ; d b_out = colsum(dY)
-        sgemm(cx, Trans::Yes, Trans::No, h, d, rows, post, h, dy_e, d, dw_out, d, false)?;
-        if has_bias {
-            col_sums(dy_e, d, &mut grads.d_b_out[e * d..(e + 1) * d]);
-        }
-        // dA = dY W_out^T
-        set_len(&mut sc.grad_post, rows * h);
-        sgemm(cx, Trans::No, Trans::Yes, rows, h, d, dy_e, d, w_out, d, &mut sc.grad_post, h, false)?;
-        // d pre-activation
-        let grad_pre: &[f32] = match params.activation {
-            Activation::Gelu => {
-                let partials: Vec<Vec<f32>> = sc
-                    .grad_post
-                    .par_chunks_mut(ROW_BLOCK * h)
-                    .zip(pre.par_chunks(ROW_BLOCK * h))
-                    .map(|(g, hc)| {
-                        let mut s = vec![0.0f32; h];
-                        activation::gelu_backward(hc, g, &mut s, h);
-                        s
-                    })
-                    .collect();
-                let db = &mut grads.d_b_in[e * h..(e + 1) * h];
-                db.fill(0.0);
-                for p in &partials {
-                    for (a, b) in db.iter_mut().zip(p) {
-                        *a += b;
-                    }
-                }
-                &sc.grad_post
-            }
-            Activation::SwiGlu => {
-                set_len(&mut sc.grad_pre, rows * hin);
-                sc.grad_pre
-                    .par_chunks_mut(ROW_BLOCK * hin)
-                    .zip(pre.par_chunks(ROW_BLOCK * hin))
-                    .zip(sc.grad_post.par_chunks(ROW_BLOCK * h))
-                    .for_each(|((dgu, gu), da)| activation::swiglu_backward(gu, da, dgu, h));
-                &sc.grad_pre
-            }
-        };
-        // d W_in = X^T dPre ; dX = dPre W_in^T
-        sgemm(cx, Trans::Yes, Trans::No, d, hin, rows, x_e, d, grad_pre, hin, dw_in, hin, false)?;
-        sgemm(
-            cx,
-            Trans::No,
-            Trans::Yes,
-            rows,
-            d,
-            hin,
-            grad_pre,
-            hin,
-            w_in,
-            hin,
-            &mut d_input[r0 * d..r1 * d],
-            d,
-            false,
-        )?;
     }
-    Ok(())
+    let saved = |e: usize| {
+        let (r0, r1) = (offsets[e], offsets[e + 1]);
+        Saved {
+            x: &input[r0 * d..r1 * d],
+            dy: &d_output[r0 * d..r1 * d],
+            pre: cache.pre.get(r0 * hin..r1 * hin).unwrap_or(&[]),
+            post: cache.post.get(r0 * h..r1 * h).unwrap_or(&[]),
+            pre16: cache.pre_bf16.get(r0 * hin..r1 * hin).unwrap_or(&[]),
+            post16: cache.post_bf16.get(r0 * h..r1 * h).unwrap_or(&[]),
+        }
+    };
+    let storage = cache.storage;
+    for &e in &plan.whole {
+        let out = rows[e].take().expect("each expert is scheduled once");
+        expert_backward(cx, params, storage, e, saved(e), out, &mut grads.scratch)?;
+    }
+    let one = Compute { threads: 1, ..*cx };
+    let lanes: Vec<Vec<(usize, BwdRows<'_>)>> = plan
+        .lanes
+        .iter()
+        .map(|lane| lane.iter().map(|&e| (e, rows[e].take().expect("each expert is scheduled once"))).collect())
+        .collect();
+    lanes.into_par_iter().zip(grads.lanes.par_iter_mut()).try_for_each(|(lane, sc)| {
+        lane.into_iter().try_for_each(|(e, out)| expert_backward(&one, params, storage, e, saved(e), out, sc))
+    })
+}
+
+/// What the backward of one expert reads: its rows of the input, the output gradient and the saved activations
+/// (empty slices for the storage not in use).
+struct Saved<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    pre: &'a [f32],
+    post: &'a [f32],
+    pre16: &'a [bf16],
+    post16: &'a [bf16],
+}
+
+/// One expert's gradients: its weight and bias gradients (biases empty for SwiGLU) and its rows of `d_input`.
+struct BwdRows<'a> {
+    dw_in: &'a mut [f32],
+    dw_out: &'a mut [f32],
+    db_in: &'a mut [f32],
+    db_out: &'a mut [f32],
+    dx: &'a mut [f32],
+}
+
+/// Backward of expert `e` (at least one row).
+fn expert_backward(
+    cx: &Compute,
+    params: &ExpertParams,
+    storage: Storage,
+    e: usize,
+    saved: Saved<'_>,
+    out: BwdRows<'_>,
+    sc: &mut Scratch,
+) -> Result<()> {
+    let (d, h) = (params.d_model, params.d_ffn);
+    let hin = params.activation.in_width(h);
+    let rows = saved.x.len() / d;
+    let (x_e, dy_e) = (saved.x, saved.dy);
+    let (pre, post): (&[f32], &[f32]) = match storage {
+        Storage::F32 => (saved.pre, saved.post),
+        Storage::Bf16 => {
+            set_len(&mut sc.pre, rows * hin);
+            set_len(&mut sc.post, rows * h);
+            bf16_to_f32(saved.pre16, &mut sc.pre);
+            bf16_to_f32(saved.post16, &mut sc.post);
+            (&sc.pre[..], &sc.post[..])
+        }
+    };
+    let w_in = params.w_in.view_f32(e * d * hin, (e + 1) * d * hin, &mut sc.w_a);
+    let w_out = params.w_out.view_f32(e * h * d, (e + 1) * h * d, &mut sc.w_b);
+
+    // d W_out = A^T dY ; d b_out = colsum(dY)
+    sgemm(cx, Trans::Yes, Trans::No, h, d, rows, post, h, dy_e, d, out.dw_out, d, false)?;
+    if params.activation.has_bias() {
+        col_sums(dy_e, d, out.db_out);
+    }
+    // dA = dY W_out^T
+    set_len(&mut sc.grad_post, rows * h);
+    sgemm(cx, Trans::No, Trans::Yes, rows, h, d, dy_e, d, w_out, d, &mut sc.grad_post, h, false)?;
+    // d pre-activation
+    let grad_pre: &[f32] = match params.activation {
+        Activation::Gelu => {
+            let partials: Vec<Vec<f32>> = sc
+                .grad_post
+                .par_chunks_mut(ROW_BLOCK * h)
+                .zip(pre.par_chunks(ROW_BLOCK * h))
+                .map(|(g, hc)| {
+                    let mut s = vec![0.0f32; h];
+                    activation::gelu_backward(hc, g, &mut s, h);
+                    s
+                })
+                .collect();
+            out.db_in.fill(0.0);
+            for p in &partials {
+                for (a, b) in out.db_in.iter_mut().zip(p) {
+                    *a += b;
+                }
+            }
+            &sc.grad_post
+        }
+        Activation::SwiGlu => {
+            set_len(&mut sc.grad_pre, rows * hin);
+            sc.grad_pre
+                .par_chunks_mut(ROW_BLOCK * hin)
+                .zip(pre.par_chunks(ROW_BLOCK * hin))
+                .zip(sc.grad_post.par_chunks(ROW_BLOCK * h))
+                .for_each(|((dgu, gu), da)| activation::swiglu_backward(gu, da, dgu, h));
+            &sc.grad_pre
+        }
+    };
+    // d W_in = X^T dPre ; dX = dPre W_in^T
+    sgemm(cx, Trans::Yes, Trans::No, d, hin, rows, x_e, d, grad_pre, hin, out.dw_in, hin, false)?;
+    sgemm(cx, Trans::No, Trans::Yes, rows, d, hin, grad_pre, hin, w_in, hin, out.dx, d, false)
 }
 
 /// Column sums of `m` (rows of `cols`) into `out`, with a fixed blocking (deterministic).
@@ -515,7 +673,7 @@ mod tests {
             d in 1usize..9,
             h in 1usize..9,
             swiglu in any::<bool>(),
-            threads in 1usize..3,
+            threads in 1usize..5,
             seed in any::<u64>(),
         ) {
             let act = if swiglu { Activation::SwiGlu } else { Activation::Gelu };
@@ -550,6 +708,7 @@ mod tests {
             d in 1usize..9,
             h in 1usize..9,
             swiglu in any::<bool>(),
+            threads in 1usize..4,
             seed in any::<u64>(),
         ) {
             let act = if swiglu { Activation::SwiGlu } else { Activation::Gelu };
@@ -559,14 +718,16 @@ mod tests {
             let offsets = random_offsets(&mut r, experts, rows);
             let x = normal_vec(&mut r, rows * d, 1.0);
             let dy = normal_vec(&mut r, rows * d, 1.0);
-            let cx = Compute::new(1);
+            let engine = crate::gemm::Engine::new(Compute::new(threads)).unwrap();
             let run = |p: &ExpertParams| {
                 let mut cache = ExpertCache::default();
                 let mut y = Vec::new();
                 let mut g = ExpertGrads::default();
                 let mut dx = Vec::new();
-                experts_forward(&cx, p, &x, &offsets, &mut cache, &mut y).unwrap();
-                experts_backward(&cx, p, &x, &cache, &dy, &mut g, &mut dx).unwrap();
+                engine.run(|cx| {
+                    experts_forward(cx, p, &x, &offsets, &mut cache, &mut y).unwrap();
+                    experts_backward(cx, p, &x, &cache, &dy, &mut g, &mut dx).unwrap();
+                });
                 (y, dx, g)
             };
             let (y32, dx32, g32) = run(&p32);
@@ -579,6 +740,86 @@ mod tests {
             prop_assert!(close(&dx16, &dx32));
             prop_assert!(close(&g16.d_w_in, &g32.d_w_in));
             prop_assert!(close(&g16.d_w_out, &g32.d_w_out));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(64))]
+        /// Every expert with rows runs exactly once, whole or in one lane; lanes are at most the threads, hold
+        /// no expert bigger than a lane's share, and are filled biggest first onto the lightest lane.
+        #[test]
+        fn schedule_runs_every_expert_once(
+            experts in 1usize..40,
+            rows in 0usize..400,
+            threads in 1usize..6,
+            seed in any::<u64>(),
+        ) {
+            let offsets = random_offsets(&mut rng(seed), experts, rows);
+            let cx = Compute::new(threads);
+            let plan = schedule(&cx, &offsets);
+            let size = |e: usize| offsets[e + 1] - offsets[e];
+            let mut seen: Vec<usize> = plan.whole.iter().chain(plan.lanes.iter().flatten()).copied().collect();
+            seen.sort_unstable();
+            let busy: Vec<usize> = (0..experts).filter(|&e| size(e) > 0).collect();
+            prop_assert_eq!(seen, busy);
+            prop_assert!(plan.lanes.len() <= threads);
+            prop_assert!(plan.lanes.is_empty() || plan.lanes.len() >= 2);
+            for lane in &plan.lanes {
+                prop_assert!(!lane.is_empty());
+                for &e in lane {
+                    prop_assert!(size(e) * threads <= rows);
+                }
+            }
+            // The lanes' row counts differ by at most their biggest expert (the greedy's bound).
+            let loads: Vec<usize> = plan.lanes.iter().map(|l| l.iter().map(|&e| size(e)).sum()).collect();
+            let biggest = plan.lanes.iter().flatten().map(|&e| size(e)).max().unwrap_or(0);
+            if let (Some(lo), Some(hi)) = (loads.iter().min(), loads.iter().max()) {
+                prop_assert!(hi - lo <= biggest);
+            }
+        }
+
+        /// Experts run side by side give the same bits on every call and the same values (to rounding) for
+        /// every thread count, with the buffers reused between calls of different shapes.
+        #[test]
+        fn lanes_match_sequential_experts(
+            experts in 2usize..10,
+            rows in 0usize..80,
+            d in 1usize..12,
+            h in 1usize..12,
+            swiglu in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let act = if swiglu { Activation::SwiGlu } else { Activation::Gelu };
+            let mut r = rng(seed);
+            let params = ExpertParams::random(act, experts, d, h, Storage::F32, seed).unwrap();
+            let offsets = random_offsets(&mut r, experts, rows);
+            let x = normal_vec(&mut r, rows * d, 1.0);
+            let dy = normal_vec(&mut r, rows * d, 1.0);
+            let mut cache = ExpertCache::default();
+            let mut grads = ExpertGrads::default();
+            let (mut y, mut dx) = (Vec::new(), Vec::new());
+            let mut run = |threads: usize, x: &[f32], offsets: &[usize], dy: &[f32]| {
+                let engine = crate::gemm::Engine::new(Compute::new(threads)).unwrap();
+                engine.run(|cx| {
+                    experts_forward(cx, &params, x, offsets, &mut cache, &mut y).unwrap();
+                    experts_backward(cx, &params, x, &cache, dy, &mut grads, &mut dx).unwrap();
+                });
+                (y.clone(), dx.clone(), grads.d_w_in.clone(), grads.d_w_out.clone(), grads.d_b_in.clone())
+            };
+            let one = run(1, &x, &offsets, &dy);
+            for threads in [2, 3] {
+                let first = run(threads, &x, &offsets, &dy);
+                // A call of another shape in between: the lanes' scratch is reused.
+                let half = rows / 2;
+                let other = random_offsets(&mut r, experts, half);
+                run(threads, &x[..half * d], &other, &dy[..half * d]);
+                prop_assert_eq!(&first, &run(threads, &x, &offsets, &dy));
+                for (a, b) in [(&first.0, &one.0), (&first.1, &one.1), (&first.2, &one.2), (&first.3, &one.3), (&first.4, &one.4)] {
+                    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                    prop_assert_eq!(a.len(), b.len());
+                    prop_assert!(max_rel_err(a, &b64, 1e-4) < 1e-5);
+                }
+            }
         }
     }
 

@@ -3,12 +3,14 @@
 //! Two backends compute `C = op(A) * op(B)` (optionally `C += ...`) on row-major buffers:
 //!
 //! * [`GemmBackend::PureRust`] (always available): the `gemm` crate, threaded with rayon
-//!   (`gemm::Parallelism::Rayon(threads)`) inside the rayon pool of an [`Engine`].
+//!   (`gemm::Parallelism::Rayon(threads)`) inside the rayon pool of an [`Engine`]; its AVX-512
+//!   micro-kernels (the crate's `x86-v4` feature) are picked at run time on CPUs that have them.
 //! * [`GemmBackend::Blas`] (feature `blas`): OpenBLAS `cblas_sgemm` from the system
 //!   `libopenblas`, threaded by OpenBLAS itself (`openblas_set_num_threads`).
 //!
-//! No oversubscription: a kernel calls [`sgemm`] only from sequential code (one GEMM at a time,
-//! the parallelism inside the GEMM), never from inside a parallel loop.
+//! No oversubscription: a kernel calls a threaded [`sgemm`] only from sequential code (one GEMM at
+//! a time, the parallelism inside the GEMM); inside a parallel loop (the experts' lanes) each GEMM
+//! gets one thread.
 
 use crate::error::{KernelError, Result};
 use serde::{Deserialize, Serialize};
