@@ -2,10 +2,12 @@
 //!
 //! GELU is the exact (erf) form `0.5 x (1 + erf(x / sqrt 2))`; erf uses Abramowitz-Stegun
 //! 7.1.26 (absolute error < 1.5e-7, the f32 rounding level) with a polynomial `exp`, written so
-//! that the compiler vectorises it. On x86-64 the row kernels are compiled twice and the AVX2
-//! + FMA version is picked at run time when the CPU has it.
+//! that the compiler vectorises it. On x86-64 the row kernels are compiled three times and the
+//! widest the CPU runs is picked at run time: AVX-512 (16 lanes), AVX2 + FMA (8), or the baseline.
+//! The source is the same and the compiler does not fuse multiply-adds on its own, so every build
+//! gives the same bits.
 
-/// Runs a row kernel through an AVX2+FMA build when the CPU supports it.
+/// Runs a row kernel through an AVX-512 or AVX2+FMA build when the CPU supports it.
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -14,6 +16,17 @@ macro_rules! simd_dispatch {
             fn inner($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    inner($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU supports these AVX-512 subsets, and with them AVX2 and FMA.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) {
                     inner($($arg),*)
