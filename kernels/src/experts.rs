@@ -284,29 +284,20 @@ pub fn experts_forward(
             cache.post.clear();
         }
     }
-    let plan = schedule(cx, offsets);
-    set_lanes(&mut cache.lanes, plan.lanes.len());
-    let mut rows: Vec<Option<FwdRows<'_>>> = rows_of(&mut cache.pre, offsets, hin)
+    let rows: Vec<FwdRows<'_>> = rows_of(&mut cache.pre, offsets, hin)
         .into_iter()
         .zip(rows_of(&mut cache.post, offsets, h))
         .zip(rows_of(&mut cache.pre_bf16, offsets, hin))
         .zip(rows_of(&mut cache.post_bf16, offsets, h))
         .zip(rows_of(output, offsets, d))
-        .map(|((((pre, post), pre16), post16), y)| Some(FwdRows { pre, post, pre16, post16, y }))
+        .map(|((((pre, post), pre16), post16), y)| FwdRows { pre, post, pre16, post16, y })
         .collect();
     let x_of = |e: usize| &input[offsets[e] * d..offsets[e + 1] * d];
-    for &e in &plan.whole {
-        let out = rows[e].take().expect("each expert is scheduled once");
-        expert_forward(cx, params, e, x_of(e), out, &mut cache.scratch)?;
-    }
-    let one = Compute { threads: 1, ..*cx };
-    let lanes: Vec<Vec<(usize, FwdRows<'_>)>> = plan
-        .lanes
-        .iter()
-        .map(|lane| lane.iter().map(|&e| (e, rows[e].take().expect("each expert is scheduled once"))).collect())
-        .collect();
-    lanes.into_par_iter().zip(cache.lanes.par_iter_mut()).try_for_each(|(lane, sc)| {
-        lane.into_iter().try_for_each(|(e, out)| expert_forward(&one, params, e, x_of(e), out, sc))
+    run_schedule(cx, offsets, rows, &mut cache.scratch, &mut cache.lanes, |cx, e, out, sc| {
+        if offsets[e + 1] == offsets[e] {
+            return Ok(());
+        }
+        expert_forward(cx, params, e, x_of(e), out, sc)
     })
 }
 
@@ -434,13 +425,6 @@ fn per_expert(buf: &mut [f32], experts: usize) -> Vec<&mut [f32]> {
     buf.chunks_mut(width).collect()
 }
 
-/// One scratch per lane, kept between calls.
-fn set_lanes(lanes: &mut Vec<Scratch>, n: usize) {
-    if lanes.len() < n {
-        lanes.resize_with(n, Scratch::default);
-    }
-}
-
 /// Backward of [`experts_forward`].
 ///
 /// `input` must be the forward's input and `cache` its saved state; `d_output: [N, d]` is the
@@ -490,25 +474,14 @@ pub fn experts_backward(
     }
     set_len(d_input, n * d);
     let offsets = &cache.offsets;
-    let plan = schedule(cx, offsets);
-    set_lanes(&mut grads.lanes, plan.lanes.len());
-    let mut rows: Vec<Option<BwdRows<'_>>> = per_expert(&mut grads.d_w_in, e_n)
+    let rows: Vec<BwdRows<'_>> = per_expert(&mut grads.d_w_in, e_n)
         .into_iter()
         .zip(per_expert(&mut grads.d_w_out, e_n))
         .zip(per_expert(&mut grads.d_b_in, e_n))
         .zip(per_expert(&mut grads.d_b_out, e_n))
         .zip(rows_of(d_input, offsets, d))
-        .map(|((((dw_in, dw_out), db_in), db_out), dx)| Some(BwdRows { dw_in, dw_out, db_in, db_out, dx }))
+        .map(|((((dw_in, dw_out), db_in), db_out), dx)| BwdRows { dw_in, dw_out, db_in, db_out, dx })
         .collect();
-    for (e, r) in rows.iter_mut().enumerate() {
-        if offsets[e + 1] == offsets[e] {
-            let r = r.take().expect("each expert once");
-            r.dw_in.fill(0.0);
-            r.dw_out.fill(0.0);
-            r.db_in.fill(0.0);
-            r.db_out.fill(0.0);
-        }
-    }
     let saved = |e: usize| {
         let (r0, r1) = (offsets[e], offsets[e + 1]);
         Saved {
@@ -521,19 +494,46 @@ pub fn experts_backward(
         }
     };
     let storage = cache.storage;
-    for &e in &plan.whole {
-        let out = rows[e].take().expect("each expert is scheduled once");
-        expert_backward(cx, params, storage, e, saved(e), out, &mut grads.scratch)?;
+    run_schedule(cx, offsets, rows, &mut grads.scratch, &mut grads.lanes, |cx, e, out, sc| {
+        if offsets[e + 1] == offsets[e] {
+            // No rows: zero gradients.
+            out.dw_in.fill(0.0);
+            out.dw_out.fill(0.0);
+            out.db_in.fill(0.0);
+            out.db_out.fill(0.0);
+            return Ok(());
+        }
+        expert_backward(cx, params, storage, e, saved(e), out, sc)
+    })
+}
+
+/// Runs `work(cx, e, outputs[e], scratch)` for every expert: first those without rows and the [`Schedule`]'s
+/// whole experts, in turn on `cx`, then its lanes side by side, one thread and one of `lanes` scratch each.
+fn run_schedule<T: Send>(
+    cx: &Compute,
+    offsets: &[usize],
+    outputs: Vec<T>,
+    scratch: &mut Scratch,
+    lanes: &mut Vec<Scratch>,
+    work: impl Fn(&Compute, usize, T, &mut Scratch) -> Result<()> + Sync,
+) -> Result<()> {
+    let plan = schedule(cx, offsets);
+    if lanes.len() < plan.lanes.len() {
+        lanes.resize_with(plan.lanes.len(), Scratch::default);
+    }
+    let mut outputs: Vec<Option<T>> = outputs.into_iter().map(Some).collect();
+    let mut take = |e: usize| outputs[e].take().expect("each expert is scheduled once");
+    let empty = (0..offsets.len() - 1).filter(|&e| offsets[e + 1] == offsets[e]);
+    for e in empty.chain(plan.whole.iter().copied()) {
+        work(cx, e, take(e), scratch)?;
     }
     let one = Compute { threads: 1, ..*cx };
-    let lanes: Vec<Vec<(usize, BwdRows<'_>)>> = plan
-        .lanes
-        .iter()
-        .map(|lane| lane.iter().map(|&e| (e, rows[e].take().expect("each expert is scheduled once"))).collect())
-        .collect();
-    lanes.into_par_iter().zip(grads.lanes.par_iter_mut()).try_for_each(|(lane, sc)| {
-        lane.into_iter().try_for_each(|(e, out)| expert_backward(&one, params, storage, e, saved(e), out, sc))
-    })
+    let lane_work: Vec<Vec<(usize, T)>> =
+        plan.lanes.iter().map(|lane| lane.iter().map(|&e| (e, take(e))).collect()).collect();
+    lane_work
+        .into_par_iter()
+        .zip(lanes.par_iter_mut())
+        .try_for_each(|(lane, sc)| lane.into_iter().try_for_each(|(e, out)| work(&one, e, out, sc)))
 }
 
 /// What the backward of one expert reads: its rows of the input, the output gradient and the saved activations
