@@ -8,12 +8,11 @@
 //!   projections are one GEMM; `W_out = W2: [h, d]`.
 //!
 //! The input is the grouped buffer of [`crate::dispatch`]: expert `e` owns rows
-//! `offsets[e]..offsets[e + 1]`. With one thread (or OpenBLAS) experts run one after another, each
-//! GEMM using all threads; with several threads and the pure-Rust GEMM, experts of similar size run
-//! side by side in lanes, one single-threaded GEMM each (never threaded GEMMs inside a parallel
-//! loop), and an expert with more than a lane's share of the rows runs alone on all threads first
-//! (see `Schedule` below). Bias and activation are fused into one pass after the first GEMM; the output
-//! bias is pre-filled so the second GEMM accumulates onto it.
+//! `offsets[e]..offsets[e + 1]`. With one thread experts run one after another; with several,
+//! experts of similar size run side by side in lanes, one single-threaded GEMM each (never threaded
+//! GEMMs inside a parallel loop), and an expert with more than a lane's share of the rows runs alone
+//! on all threads first (see `Schedule` below). Bias and activation are fused into one pass after
+//! the first GEMM; the output bias is pre-filled so the second GEMM accumulates onto it.
 
 use crate::activation;
 use crate::bf16::{Storage, Stored, bf16_to_f32, f32_to_bf16};
@@ -367,12 +366,12 @@ fn expert_forward(
 /// The order in which one call runs its experts (those with at least one row): `whole` one after another,
 /// every GEMM on all threads; then the `lanes` side by side, one thread each, each lane's experts in turn.
 ///
-/// With several threads, the pure-Rust GEMM of one expert's ~1000 rows splits over the threads less well than
-/// separate experts run on separate threads (measured in docs/BENCHMARKS.md). Experts with more than a lane's
+/// With several threads, the GEMM of one expert's ~1000 rows splits over the threads less well than separate
+/// experts run on separate threads, with the pure-Rust GEMM and with OpenBLAS (whose calls from several threads
+/// at once are safe in its threaded builds; measured in docs/BENCHMARKS.md). Experts with more than a lane's
 /// share of the rows (`rows x threads > all rows`) stay whole so that no lane waits on one big expert; the rest
 /// go to the lane with the fewest rows so far, biggest first. The schedule depends only on the offsets and the
-/// thread count, and each expert's arithmetic only on its own rows, so results do not depend on timing. OpenBLAS
-/// keeps the sequential order (its thread count is one global setting).
+/// thread count, and each expert's arithmetic only on its own rows, so results do not depend on timing.
 struct Schedule {
     whole: Vec<usize>,
     lanes: Vec<Vec<usize>>,
@@ -383,7 +382,7 @@ fn schedule(cx: &Compute, offsets: &[usize]) -> Schedule {
     let total = offsets.last().copied().unwrap_or(0);
     let busy: Vec<usize> = (0..offsets.len().saturating_sub(1)).filter(|&e| rows(e) > 0).collect();
     let threads = cx.threads.max(1);
-    if threads == 1 || cx.backend != crate::gemm::GemmBackend::PureRust {
+    if threads == 1 {
         return Schedule { whole: busy, lanes: Vec::new() };
     }
     let (whole, mut rest): (Vec<usize>, Vec<usize>) = busy.into_iter().partition(|&e| rows(e) * threads > total);
