@@ -293,9 +293,6 @@ pub fn experts_forward(
         .collect();
     let x_of = |e: usize| &input[offsets[e] * d..offsets[e + 1] * d];
     run_schedule(cx, offsets, rows, &mut cache.scratch, &mut cache.lanes, |cx, e, out, sc| {
-        if offsets[e + 1] == offsets[e] {
-            return Ok(());
-        }
         expert_forward(cx, params, e, x_of(e), out, sc)
     })
 }
@@ -473,7 +470,7 @@ pub fn experts_backward(
     }
     set_len(d_input, n * d);
     let offsets = &cache.offsets;
-    let rows: Vec<BwdRows<'_>> = per_expert(&mut grads.d_w_in, e_n)
+    let mut rows: Vec<BwdRows<'_>> = per_expert(&mut grads.d_w_in, e_n)
         .into_iter()
         .zip(per_expert(&mut grads.d_w_out, e_n))
         .zip(per_expert(&mut grads.d_b_in, e_n))
@@ -492,22 +489,21 @@ pub fn experts_backward(
             post16: cache.post_bf16.get(r0 * h..r1 * h).unwrap_or(&[]),
         }
     };
+    // An expert without rows is not scheduled: its gradients are zero.
+    for (_, out) in offsets.windows(2).zip(&mut rows).filter(|(w, _)| w[0] == w[1]) {
+        out.dw_in.fill(0.0);
+        out.dw_out.fill(0.0);
+        out.db_in.fill(0.0);
+        out.db_out.fill(0.0);
+    }
     let storage = cache.storage;
     run_schedule(cx, offsets, rows, &mut grads.scratch, &mut grads.lanes, |cx, e, out, sc| {
-        if offsets[e + 1] == offsets[e] {
-            // No rows: zero gradients.
-            out.dw_in.fill(0.0);
-            out.dw_out.fill(0.0);
-            out.db_in.fill(0.0);
-            out.db_out.fill(0.0);
-            return Ok(());
-        }
         expert_backward(cx, params, storage, e, saved(e), out, sc)
     })
 }
 
-/// Runs `work(cx, e, outputs[e], scratch)` for every expert: first those without rows and the [`Schedule`]'s
-/// whole experts, in turn on `cx`, then its lanes side by side, one thread and one of `lanes` scratch each.
+/// Runs `work(cx, e, outputs[e], scratch)` for every expert with rows: first the [`Schedule`]'s whole experts,
+/// in turn on `cx`, then its lanes side by side, one thread and one of `lanes` scratch each.
 fn run_schedule<T: Send>(
     cx: &Compute,
     offsets: &[usize],
@@ -522,8 +518,7 @@ fn run_schedule<T: Send>(
     }
     let mut outputs: Vec<Option<T>> = outputs.into_iter().map(Some).collect();
     let mut take = |e: usize| outputs[e].take().expect("each expert is scheduled once");
-    let empty = (0..offsets.len() - 1).filter(|&e| offsets[e + 1] == offsets[e]);
-    for e in empty.chain(plan.whole.iter().copied()) {
+    for &e in &plan.whole {
         work(cx, e, take(e), scratch)?;
     }
     let one = Compute { threads: 1, ..*cx };
