@@ -118,8 +118,9 @@ pub struct ProfileReport {
     pub copy_gbyte_s: f64,
     /// Collectives by size.
     pub comm: Vec<CommPoint>,
-    /// The all-to-all's line.
-    pub all_to_all_fit: LinkFit,
+    /// The all-to-all's line; `None` (JSON `null`) with one worker, where there is no link to measure
+    /// (the profile's link figures are then the defaults of [`measured_cluster`], not measurements).
+    pub all_to_all_fit: Option<LinkFit>,
     /// The MoE layer samples (loads and measured forward + backward times).
     pub samples: Vec<Sample>,
     /// The model's error on the samples before fitting (the measured rates, default constants).
@@ -273,12 +274,14 @@ pub fn measure_comm(comm: &dyn Communicator, repeats: usize) -> Result<Vec<CommP
     })
 }
 
-/// Least-squares line through `(bytes, ms)`: latency and bandwidth (both kept physical).
-pub fn fit_line(points: &[(f64, f64)]) -> LinkFit {
+/// Least-squares line through `(bytes, ms)`: latency and bandwidth (both kept physical). `None` without
+/// points; one point gives its bandwidth with no latency.
+pub fn fit_line(points: &[(f64, f64)]) -> Option<LinkFit> {
     let n = points.len() as f64;
-    if points.len() < 2 {
-        let (b, t) = points.first().copied().unwrap_or((1.0, 1.0));
-        return LinkFit { latency_us: 0.0, bandwidth_gbyte_s: b / t.max(1e-12) / 1e6 };
+    match points {
+        [] => return None,
+        [(b, t)] => return Some(LinkFit { latency_us: 0.0, bandwidth_gbyte_s: b / t.max(1e-12) / 1e6 }),
+        _ => {}
     }
     let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
     let my = points.iter().map(|p| p.1).sum::<f64>() / n;
@@ -286,7 +289,7 @@ pub fn fit_line(points: &[(f64, f64)]) -> LinkFit {
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
     let slope = if sxx > 0.0 { (sxy / sxx).max(1e-15) } else { my / mx.max(1e-12) };
     let intercept = (my - slope * mx).max(0.0);
-    LinkFit { latency_us: intercept * 1e3, bandwidth_gbyte_s: 1.0 / slope / 1e6 }
+    Some(LinkFit { latency_us: intercept * 1e3, bandwidth_gbyte_s: 1.0 / slope / 1e6 })
 }
 
 /// The MoE layer's forward + backward time under routings of increasing skew: one calibration sample per
@@ -387,15 +390,17 @@ pub fn fit_gemm_curve(points: &[GemmPoint]) -> (f64, f64) {
 }
 
 /// The cluster the measurements describe: `workers` workers as the "GPUs" of one node, the peak rate the
-/// GEMMs' fitted asymptote, the efficiency curve's half point fitted to them, the links the all-to-all's line.
-pub fn measured_cluster(workers: usize, gemm: &[GemmPoint], copy_gbyte_s: f64, a2a: LinkFit) -> ClusterSpec {
+/// GEMMs' fitted asymptote, the efficiency curve's half point fitted to them, the links the all-to-all's line
+/// when there is one (with one worker none is measured: the links stay those of [`cpu_cluster`], derived from
+/// the copy bandwidth, and a one-worker profile has no link the model would use).
+pub fn measured_cluster(workers: usize, gemm: &[GemmPoint], copy_gbyte_s: f64, a2a: Option<LinkFit>) -> ClusterSpec {
     let (peak, half) = fit_gemm_curve(gemm);
     let mut c = cpu_cluster(workers, LocalRates { gemm_gflops: peak, copy_gbyte_s });
     c.name = "profiled".into();
     // The fitted asymptote is the peak: the efficiency curve reaches 1 there.
     c.constants.gemm_max_efficiency = 1.0;
     c.constants.gemm_half_efficiency_rows = half;
-    if a2a.bandwidth_gbyte_s.is_finite() && a2a.bandwidth_gbyte_s > 0.0 {
+    if let Some(a2a) = a2a.filter(|f| f.bandwidth_gbyte_s.is_finite() && f.bandwidth_gbyte_s > 0.0) {
         c.intra_node.bandwidth_gbyte_s = a2a.bandwidth_gbyte_s;
         c.intra_node.latency_us = a2a.latency_us;
         c.constants.intra_bandwidth_efficiency = 1.0;
@@ -551,9 +556,12 @@ mod tests {
     fn line_fit_by_hand() {
         // 10 us + bytes / 2 GB/s.
         let pts: Vec<(f64, f64)> = [1e3, 1e5, 1e6, 1e7].iter().map(|&b| (b, 0.01 + b / 2e9 * 1e3)).collect();
-        let f = fit_line(&pts);
+        let f = fit_line(&pts).unwrap();
         assert!((f.latency_us - 10.0).abs() < 1e-6, "{f:?}");
         assert!((f.bandwidth_gbyte_s - 2.0).abs() < 1e-9, "{f:?}");
+        assert_eq!(fit_line(&[]), None);
+        let one = fit_line(&[(2e6, 1.0)]).unwrap();
+        assert!((one.bandwidth_gbyte_s - 2.0).abs() < 1e-12 && one.latency_us == 0.0, "{one:?}");
     }
 
     #[test]
@@ -589,5 +597,27 @@ mod tests {
         assert!(rep.copy_gbyte_s > 0.0 && rep.copy_gbyte_s.is_finite());
         assert!(rep.profile.fit.mape_percent.is_finite());
         assert_eq!(rep.profile.cluster.num_gpus(), 2);
+        assert!(rep.all_to_all_fit.is_some_and(|f| f.bandwidth_gbyte_s > 0.0));
+    }
+
+    /// One worker measures no link: the report says so (`None`) and the profile keeps a link figure
+    /// derived from the copy bandwidth (a one-GPU profile once wrote 1e-6 GB/s here).
+    #[test]
+    fn one_worker_leaves_the_links_unmeasured() {
+        let cfg = ProfileConfig {
+            d_model: 16,
+            d_ffn: 32,
+            experts: 2,
+            tokens_per_worker: 32,
+            samples: 2,
+            repeats: 1,
+            ..ProfileConfig::default()
+        };
+        let mut out = run_local(1, Duration::from_secs(60), |comm| profile(&comm, &cfg));
+        let rep = out.swap_remove(0).expect("worker ok").expect("worker 0 reports");
+        assert!(rep.comm.is_empty());
+        assert_eq!(rep.all_to_all_fit, None);
+        let link = &rep.profile.cluster.intra_node;
+        assert!((link.bandwidth_gbyte_s - rep.copy_gbyte_s).abs() <= 1e-9 * rep.copy_gbyte_s, "{link:?}");
     }
 }

@@ -193,10 +193,10 @@ fn print_report(r: &ProfileReport, out: Option<&std::path::Path>) {
     for p in &r.comm {
         println!("  {:<10} {:>10} B per worker: {:>9.3} ms ({:.2} GB/s)", p.op, p.bytes_per_worker, p.ms, p.gbyte_s);
     }
-    println!(
-        "  all-to-all line: {:.1} us + bytes / {:.2} GB/s",
-        r.all_to_all_fit.latency_us, r.all_to_all_fit.bandwidth_gbyte_s
-    );
+    match &r.all_to_all_fit {
+        Some(f) => println!("  all-to-all line: {:.1} us + bytes / {:.2} GB/s", f.latency_us, f.bandwidth_gbyte_s),
+        None => println!("  none with one worker: the profile's links are not measured"),
+    }
     println!(
         "MoE layer ({} experts, {} tokens per worker, d {} -> {}): {} samples, {:.2} - {:.2} ms",
         r.config.experts,

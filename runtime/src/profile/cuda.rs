@@ -304,6 +304,7 @@ mod tests {
     #[test]
     fn one_gpu_profile_fits_the_layer() {
         if let Some(why) = gpu_unavailable(1, 1) {
+            assert!(std::env::var("SWITCHYARD_REQUIRE_GPU").as_deref() != Ok("1"), "SWITCHYARD_REQUIRE_GPU=1: {why}");
             eprintln!("skipped: {why}");
             return;
         }
@@ -325,6 +326,9 @@ mod tests {
             assert_eq!(s.micro_batches[0].counts.iter().sum::<u64>(), 2 * 256);
         }
         assert!(rep.profile.fit.mape_percent.is_finite());
+        // One GPU has no link to measure: none is fitted, and the profile keeps a physical figure.
+        assert_eq!(rep.all_to_all_fit, None);
+        assert!(rep.profile.cluster.intra_node.bandwidth_gbyte_s >= 1.0, "{:?}", rep.profile.cluster.intra_node);
     }
 
     #[test]
@@ -345,6 +349,6 @@ mod tests {
         let rep = profile_gpu_threads(2, &cfg, Duration::from_secs(120)).expect("profile");
         assert_eq!(rep.transport, "nccl");
         assert_eq!(rep.comm.len(), 12);
-        assert!(rep.all_to_all_fit.bandwidth_gbyte_s > 0.0);
+        assert!(rep.all_to_all_fit.unwrap().bandwidth_gbyte_s > 0.0);
     }
 }
