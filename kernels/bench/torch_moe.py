@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""The MoE layer of switchyard-kernels in plain PyTorch on CPU, for `switchyard bench kernels`.
+"""The MoE layer of switchyard-kernels in plain PyTorch (CPU, or a GPU with --device cuda:N), for
+`switchyard bench kernels`.
 
 Gate (x @ Wg, softmax, top-k), capacity with dropping in arrival order (first choices before
 second choices, as GShard/Tutel), scatter into an [experts, capacity, d] buffer, batched matmuls
 (torch.bmm) for the expert FFNs, combine (weighted index_add). Times the forward (with autograd
 recording, as in training) and forward+backward (median and fastest iteration; rates use the
 fastest), and a plain torch.mm of [T*k, d] x [d, h].
+On a GPU every timed region ends with torch.cuda.synchronize() and matrix products run in FP32
+(TF32 off), as the CUDA benchmark of switchyard-kernels does.
 Prints one JSON object on stdout.
 
 Set up the interpreter with kernels/bench/setup_torch_venv.sh.
@@ -34,6 +37,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     return p.parse_args()
 
 
@@ -41,6 +45,17 @@ def main():
     a = parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {a.device}: this PyTorch sees no GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_default_device(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     T, d, h, E, k = a.tokens, a.d_model, a.d_ffn, a.experts, a.top_k
     if not 1 <= k <= E:
         raise SystemExit(f"top-k {k} must be in 1..={E}")
@@ -93,21 +108,26 @@ def main():
     for _ in range(a.warmup):
         kept = step(True)
     fwd, fwd_bwd = [], []
+    sync()
     for _ in range(a.iterations):
         t = time.perf_counter()
         kept = step(False)
+        sync()
         fwd.append((time.perf_counter() - t) * 1e3)
         t = time.perf_counter()
         step(True)
+        sync()
         fwd_bwd.append((time.perf_counter() - t) * 1e3)
 
     # Plain GEMM on the same threads: [T k, d] x [d, h].
     ga, gb = torch.randn(T * k, d), torch.randn(d, h)
     torch.mm(ga, gb)
+    sync()
     mm = []
     for _ in range(max(3, a.iterations)):
         t = time.perf_counter()
         torch.mm(ga, gb)
+        sync()
         mm.append((time.perf_counter() - t) * 1e3)
 
     per = 2.0 * d * h
@@ -121,6 +141,7 @@ def main():
         json.dumps(
             {
                 "torch_version": torch.__version__,
+                "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                 "threads": torch.get_num_threads(),
                 "capacity": C,
                 "routed_tokens": kept,

@@ -87,6 +87,9 @@ impl Default for KernelBenchConfig {
 pub struct TorchBenchReport {
     /// `torch.__version__`.
     pub torch_version: String,
+    /// Where it ran: `cpu`, or the GPU's name (absent from reports of older scripts).
+    #[serde(default)]
+    pub device: String,
     /// `torch.get_num_threads()` during the run.
     pub threads: usize,
     /// Capacity per expert (rows of the `[E, C, d]` buffer).
@@ -275,7 +278,7 @@ pub fn run_kernel_bench(cfg: &KernelBenchConfig) -> Result<KernelBenchReport> {
         if plain_gemm_gflops > 0.0 { g / plain_gemm_gflops } else { 0.0 }
     };
     let torch = match &cfg.torch_python {
-        Some(python) => Some(run_torch(cfg, python)?),
+        Some(python) => Some(run_torch(cfg, python, "cpu")?),
         None => None,
     };
     let speedup_vs_torch_fwd_bwd =
@@ -306,8 +309,8 @@ pub fn run_kernel_bench(cfg: &KernelBenchConfig) -> Result<KernelBenchReport> {
     })
 }
 
-/// Runs the embedded PyTorch script with `python` and parses its JSON.
-fn run_torch(cfg: &KernelBenchConfig, python: &std::path::Path) -> Result<TorchBenchReport> {
+/// Runs the embedded PyTorch script with `python` on `device` (`cpu` or `cuda:N`) and parses its JSON.
+pub(crate) fn run_torch(cfg: &KernelBenchConfig, python: &std::path::Path, device: &str) -> Result<TorchBenchReport> {
     let script = std::env::temp_dir().join(format!("switchyard_torch_moe_{}.py", std::process::id()));
     std::fs::write(&script, TORCH_SCRIPT)
         .map_err(|e| KernelError::Torch(format!("writing {}: {e}", script.display())))?;
@@ -328,6 +331,7 @@ fn run_torch(cfg: &KernelBenchConfig, python: &std::path::Path) -> Result<TorchB
         .args(["--warmup", &cfg.warmup.to_string()])
         .args(["--iterations", &cfg.iterations.to_string()])
         .args(["--seed", &cfg.seed.to_string()])
+        .args(["--device", device])
         .output();
     let _ = std::fs::remove_file(&script);
     let output = output.map_err(|e| KernelError::Torch(format!("running {}: {e}", python.display())))?;

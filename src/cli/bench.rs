@@ -55,7 +55,8 @@ pub struct KernelsBenchArgs {
     /// Timed iterations.
     #[arg(long, default_value_t = 5)]
     iterations: usize,
-    /// Python with torch installed (kernels/bench/setup_torch_venv.sh makes one): runs PyTorch in the same run.
+    /// Python with torch installed (kernels/bench/setup_torch_venv.sh makes one): runs the same layer in PyTorch
+    /// in the same run, on the same device (with --device cuda, a torch built for CUDA).
     #[arg(long)]
     torch_python: Option<std::path::PathBuf>,
     /// Device: cpu, cuda (cuda:N) or auto (the GPU when one can be used, else the CPU, and says so). On a GPU
@@ -464,11 +465,6 @@ fn kernels(a: KernelsBenchArgs) -> Result<()> {
     let request = super::device::parse(&a.device)?;
     let choice = super::device::choose(&a.device, request)?;
     if let Device::Cuda(n) = choice.device {
-        if a.torch_python.is_some() {
-            anyhow::bail!(
-                "--torch-python: the PyTorch comparison runs on the CPU only; fix: drop it or use --device cpu"
-            );
-        }
         let r = switchyard_kernels::cuda::run_cuda_bench_on(&cfg, n)
             .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
         if a.json {
@@ -497,6 +493,12 @@ fn kernels(a: KernelsBenchArgs) -> Result<()> {
             "  forward+backward {:.3} ms ({:.0} GFLOP/s, {:.2}x the plain cuBLAS GEMM's {:.0} GFLOP/s, FP32)",
             r.fwd_bwd_ms, r.expert_gemm_gflops_fwd_bwd, r.fwd_bwd_ratio_to_gemm, r.plain_gemm_gflops
         );
+        if let (Some(t), Some(s)) = (&r.torch, r.speedup_vs_torch_fwd_bwd) {
+            println!(
+                "  PyTorch {} on {}: forward+backward {:.3} ms ({:.0} GFLOP/s); ours is {s:.2}x faster",
+                t.torch_version, t.device, t.fwd_bwd_ms, t.expert_gemm_gflops_fwd_bwd
+            );
+        }
         return Ok(());
     }
     if request == DeviceRequest::Auto {

@@ -4,13 +4,15 @@
 //!
 //! Each timed iteration ends with a stream synchronisation, so the times are wall-clock times of
 //! finished GPU work (the forward reads the demand back once anyway). Rates use the fastest
-//! iteration, as on the CPU; GEMMs run in FP32 (no TF32).
+//! iteration, as on the CPU; GEMMs run in FP32 (no TF32). With `torch_python` set, the same layer in
+//! plain PyTorch runs on the same GPU after the layer's timings (kernels/bench/torch_moe.py with
+//! `--device cuda:N`, FP32, TF32 off), and the report carries its times beside ours.
 
-use crate::bench::KernelBenchConfig;
+use crate::bench::{KernelBenchConfig, TorchBenchReport, run_torch};
 use crate::bf16::Storage;
 use crate::cuda::blas::sgemm;
 use crate::cuda::device::{CudaDevice, GpuInfo};
-use crate::cuda::error::{CudaError, CudaResult};
+use crate::cuda::error::CudaResult;
 use crate::cuda::layer::CudaMoeLayer;
 use crate::error::KernelError;
 use crate::gate::{CapacityPolicy, DropPolicy, GateConfig};
@@ -68,6 +70,12 @@ pub struct CudaBenchReport {
     pub fwd_ratio_to_gemm: f64,
     /// `expert_gemm_gflops_fwd_bwd / plain_gemm_gflops`.
     pub fwd_bwd_ratio_to_gemm: f64,
+    /// The same layer in PyTorch on the same GPU, when `torch_python` was given.
+    #[serde(default)]
+    pub torch: Option<TorchBenchReport>,
+    /// PyTorch's fastest forward+backward time / ours.
+    #[serde(default)]
+    pub speedup_vs_torch_fwd_bwd: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -103,9 +111,6 @@ pub fn run_cuda_bench_on(cfg: &KernelBenchConfig, ordinal: usize) -> CudaResult<
     }
     if cfg.tokens == 0 {
         return Err(KernelError::InvalidConfig { field: "tokens", reason: "must be at least 1".into() }.into());
-    }
-    if cfg.torch_python.is_some() {
-        return Err(CudaError::Unsupported("the PyTorch comparison runs with the CPU benchmark only".into()));
     }
     let moe = MoeConfig {
         d_model: cfg.d_model,
@@ -175,6 +180,13 @@ pub fn run_cuda_bench_on(cfg: &KernelBenchConfig, ordinal: usize) -> CudaResult<
     let expert_gemm_gflops_forward = gflops(fwd_flop, forward_ms_min);
     let expert_gemm_gflops_fwd_bwd = gflops(fwd_bwd_flop, fwd_bwd_ms_min);
     let ratio = |v: f64| if plain_gemm_gflops > 0.0 { v / plain_gemm_gflops } else { 0.0 };
+    // PyTorch runs after our timings, with our buffers still held (a few hundred MB at most).
+    let torch = match &cfg.torch_python {
+        Some(python) => Some(run_torch(cfg, python, &format!("cuda:{ordinal}"))?),
+        None => None,
+    };
+    let speedup_vs_torch_fwd_bwd =
+        torch.as_ref().filter(|_| fwd_bwd_ms_min > 0.0).map(|t| t.fwd_bwd_ms_min / fwd_bwd_ms_min);
     Ok(CudaBenchReport {
         config: cfg.clone(),
         backend: "cuda".into(),
@@ -198,12 +210,15 @@ pub fn run_cuda_bench_on(cfg: &KernelBenchConfig, ordinal: usize) -> CudaResult<
         plain_gemm_gflops,
         fwd_ratio_to_gemm: ratio(expert_gemm_gflops_forward),
         fwd_bwd_ratio_to_gemm: ratio(expert_gemm_gflops_fwd_bwd),
+        torch,
+        speedup_vs_torch_fwd_bwd,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::error::CudaError;
 
     #[test]
     fn without_a_usable_gpu_the_bench_is_a_clear_error() {
