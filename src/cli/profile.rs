@@ -40,18 +40,20 @@ pub struct ProfileArgs {
     /// Compute threads per worker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Model width of the measured MoE layer (and the GEMMs' inner size).
-    #[arg(long, default_value_t = 256)]
-    d_model: usize,
-    /// Expert hidden width of the measured layer.
-    #[arg(long, default_value_t = 512)]
-    d_ffn: usize,
+    /// Model width of the measured MoE layer (and the GEMMs' inner size) [default: 256 on the CPU, 1024 on
+    /// GPUs].
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Expert hidden width of the measured layer [default: 512 on the CPU, 4096 on GPUs].
+    #[arg(long)]
+    d_ffn: Option<usize>,
     /// Experts of the measured layer (a multiple of the workers).
     #[arg(long, default_value_t = 8)]
     experts: usize,
-    /// Tokens per worker of the measured layer.
-    #[arg(long, default_value_t = 512)]
-    tokens: usize,
+    /// Tokens per worker of the measured layer [default: 512 on the CPU, 4096 on GPUs: a GPU layer of the CPU's
+    /// size is mostly launch overhead, which varies from run to run].
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Layer samples (routings from uniform to skewed).
     #[arg(long, default_value_t = 12)]
     samples: usize,
@@ -103,11 +105,14 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             4 * workers
         );
     }
+    let gpu = gpu_world.is_some();
+    let pick = |v: Option<usize>, cpu: usize, on_gpu: usize| v.unwrap_or(if gpu { on_gpu } else { cpu });
+    let (d_model, d_ffn, tokens) = (pick(a.d_model, 256, 1024), pick(a.d_ffn, 512, 4096), pick(a.tokens, 512, 4096));
     for (flag, v) in [
         ("--threads", a.threads),
-        ("--d-model", a.d_model),
-        ("--d-ffn", a.d_ffn),
-        ("--tokens", a.tokens),
+        ("--d-model", d_model),
+        ("--d-ffn", d_ffn),
+        ("--tokens", tokens),
         ("--samples", a.samples),
         ("--repeats", a.repeats),
     ] {
@@ -120,10 +125,10 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     }
     let cfg = ProfileConfig {
         threads_per_worker: a.threads,
-        d_model: a.d_model,
-        d_ffn: a.d_ffn,
+        d_model,
+        d_ffn,
         experts: a.experts,
-        tokens_per_worker: a.tokens,
+        tokens_per_worker: tokens,
         samples: a.samples,
         repeats: a.repeats,
     };
