@@ -175,8 +175,11 @@ fn place_with_counts(
             holds_now[g] = true;
         }
         for _ in 0..cnt[x] {
-            let Some(&(least_bits, lightest)) = heads.iter().filter(|h| h.0 != u64::MAX).min() else { break };
+            // `u64::MAX` (a node without a free GPU) orders after every load.
+            let Some(&(least_bits, lightest)) = heads.iter().min().filter(|h| h.0 != u64::MAX) else { break };
             let limit = f64::from_bits(least_bits) + tol;
+            // Loads and the limit are non-negative: their bit patterns order like the values.
+            let limit_bits = limit.to_bits();
             // Candidates: free GPUs within the tolerance of the least load, not holding this expert already.
             // Within a node only the first component of the key differs by GPU, so the best candidate is
             // either a GPU that holds the expert now or the lightest candidate of its node.
@@ -192,11 +195,11 @@ fn place_with_counts(
             };
             let mut best: Option<(Key, usize)> = None;
             for (n, o) in open.iter().enumerate() {
-                if heads[n].0 == u64::MAX || f64::from_bits(heads[n].0) > limit {
+                if heads[n].0 > limit_bits {
                     continue;
                 }
                 for &(l, g) in o {
-                    if f64::from_bits(l) > limit {
+                    if l > limit_bits {
                         break;
                     }
                     if took[g] == stamp {
