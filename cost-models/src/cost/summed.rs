@@ -305,6 +305,44 @@ pub fn moe_layer_summed(
     SUMMED_SCRATCH.with_borrow_mut(|w| price_summed(shape, load, scale, placement, gpus, fabric, c, hierarchical, w))
 }
 
+/// `sum_i a[i] * b[i]` (up to the shorter length) in four independent partial sums, lane `k` taking the
+/// indices `i = k mod 4` in order, added as `(t0 + t1) + (t2 + t3)`: the additions are not one chain of
+/// dependent latencies. With AVX2 the four lanes run as one vector; the bits are the same (no fused
+/// multiply-add either way).
+fn dot4(a: &[f64], b: &[f64]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(a: &[f64], b: &[f64]) -> f64 {
+            dot4_portable(a, b)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(a, b) };
+        }
+    }
+    dot4_portable(a, b)
+}
+
+/// [`dot4`] for any CPU.
+#[inline(always)]
+fn dot4_portable(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut t = [0.0f64; 4];
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (a4, b4) in ac.zip(bc) {
+        for (tk, (x, y)) in t.iter_mut().zip(a4.iter().zip(b4)) {
+            *tk += x * y;
+        }
+    }
+    for (tk, (x, y)) in t.iter_mut().zip(ar.iter().zip(br)) {
+        *tk += x * y;
+    }
+    (t[0] + t[1]) + (t[2] + t[3])
+}
+
 // Indices run over several arrays of GPUs, ranks and slots at once.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn price_summed(
@@ -372,19 +410,7 @@ fn price_summed(
     for s in 0..ng {
         let row = &load.values[s * e..(s + 1) * e];
         let fr = &w.node_share[nix[s] * e..(nix[s] + 1) * e];
-        // Four independent sums (the additions are not a chain of dependent latencies).
-        let mut t = [0.0f64; 4];
-        let (rc, fc) = (row.chunks_exact(4), fr.chunks_exact(4));
-        let (rr, fe) = (rc.remainder(), fc.remainder());
-        for (r4, f4) in rc.zip(fc) {
-            for k in 0..4 {
-                t[k] += r4[k] * f4[k];
-            }
-        }
-        for (k, (r, f)) in rr.iter().zip(fe).enumerate() {
-            t[k] += r * f;
-        }
-        w.in_node[s] = (t[0] + t[1]) + (t[2] + t[3]);
+        w.in_node[s] = dot4(row, fr);
         let mut own = 0.0;
         for j in s * spg..(s + 1) * spg {
             own += share[j] * row[placement.slots[j] as usize];
@@ -497,6 +523,21 @@ mod tests {
     use super::super::moe::moe_layer_exact;
     use super::super::test_fixtures::{self as fixtures, Shares, rng, shape};
     use super::*;
+
+    /// The dispatched dot product gives the portable loop's bits (lanes in order, no fused multiply-add) and
+    /// the sum within rounding, for every remainder length.
+    #[test]
+    fn dot4_is_the_portable_sum_bit_for_bit() {
+        let mut r = rng(11);
+        for n in 0..40 {
+            let a: Vec<f64> = (0..n).map(|_| r(1_000_000) as f64 / 997.0).collect();
+            let b: Vec<f64> = (0..n + 3).map(|_| r(1_000_000) as f64 / 1e6).collect();
+            let got = dot4(&a, &b);
+            assert_eq!(got.to_bits(), dot4_portable(&a, &b).to_bits(), "n {n}");
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((got - naive).abs() <= 1e-12 * naive.abs().max(1.0), "n {n}: {got} vs {naive}");
+        }
+    }
 
     /// Every expert once, the rest at random (repeats on one GPU allowed), optionally with random shares, some
     /// of them zero.
