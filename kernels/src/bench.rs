@@ -277,12 +277,7 @@ pub fn run_kernel_bench(cfg: &KernelBenchConfig) -> Result<KernelBenchReport> {
     let ratio = |g: f64| {
         if plain_gemm_gflops > 0.0 { g / plain_gemm_gflops } else { 0.0 }
     };
-    let torch = match &cfg.torch_python {
-        Some(python) => Some(run_torch(cfg, python, "cpu")?),
-        None => None,
-    };
-    let speedup_vs_torch_fwd_bwd =
-        torch.as_ref().filter(|_| fwd_bwd_ms_min > 0.0).map(|t| t.fwd_bwd_ms_min / fwd_bwd_ms_min);
+    let (torch, speedup_vs_torch_fwd_bwd) = torch_beside(cfg, "cpu", fwd_bwd_ms_min)?;
     Ok(KernelBenchReport {
         config: cfg.clone(),
         backend: compute.backend.name().to_string(),
@@ -309,8 +304,21 @@ pub fn run_kernel_bench(cfg: &KernelBenchConfig) -> Result<KernelBenchReport> {
     })
 }
 
+/// The same layer in PyTorch on `device` (`cpu` or `cuda:N`) when `cfg.torch_python` is set, and its fastest
+/// forward+backward time over ours (`ours_fwd_bwd_ms_min`); `(None, None)` without a Python.
+pub(crate) fn torch_beside(
+    cfg: &KernelBenchConfig,
+    device: &str,
+    ours_fwd_bwd_ms_min: f64,
+) -> Result<(Option<TorchBenchReport>, Option<f64>)> {
+    let Some(python) = &cfg.torch_python else { return Ok((None, None)) };
+    let torch = run_torch(cfg, python, device)?;
+    let speedup = (ours_fwd_bwd_ms_min > 0.0).then(|| torch.fwd_bwd_ms_min / ours_fwd_bwd_ms_min);
+    Ok((Some(torch), speedup))
+}
+
 /// Runs the embedded PyTorch script with `python` on `device` (`cpu` or `cuda:N`) and parses its JSON.
-pub(crate) fn run_torch(cfg: &KernelBenchConfig, python: &std::path::Path, device: &str) -> Result<TorchBenchReport> {
+fn run_torch(cfg: &KernelBenchConfig, python: &std::path::Path, device: &str) -> Result<TorchBenchReport> {
     let script = std::env::temp_dir().join(format!("switchyard_torch_moe_{}.py", std::process::id()));
     std::fs::write(&script, TORCH_SCRIPT)
         .map_err(|e| KernelError::Torch(format!("writing {}: {e}", script.display())))?;

@@ -8,7 +8,7 @@
 //! plain PyTorch runs on the same GPU after the layer's timings (kernels/bench/torch_moe.py with
 //! `--device cuda:N`, FP32, TF32 off), and the report carries its times beside ours.
 
-use crate::bench::{KernelBenchConfig, TorchBenchReport, run_torch};
+use crate::bench::{KernelBenchConfig, TorchBenchReport, torch_beside};
 use crate::bf16::Storage;
 use crate::cuda::blas::sgemm;
 use crate::cuda::device::{CudaDevice, GpuInfo};
@@ -181,12 +181,7 @@ pub fn run_cuda_bench_on(cfg: &KernelBenchConfig, ordinal: usize) -> CudaResult<
     let expert_gemm_gflops_fwd_bwd = gflops(fwd_bwd_flop, fwd_bwd_ms_min);
     let ratio = |v: f64| if plain_gemm_gflops > 0.0 { v / plain_gemm_gflops } else { 0.0 };
     // PyTorch runs after our timings, with our buffers still held (a few hundred MB at most).
-    let torch = match &cfg.torch_python {
-        Some(python) => Some(run_torch(cfg, python, &format!("cuda:{ordinal}"))?),
-        None => None,
-    };
-    let speedup_vs_torch_fwd_bwd =
-        torch.as_ref().filter(|_| fwd_bwd_ms_min > 0.0).map(|t| t.fwd_bwd_ms_min / fwd_bwd_ms_min);
+    let (torch, speedup_vs_torch_fwd_bwd) = torch_beside(cfg, &format!("cuda:{ordinal}"), fwd_bwd_ms_min)?;
     Ok(CudaBenchReport {
         config: cfg.clone(),
         backend: "cuda".into(),
