@@ -262,6 +262,8 @@ struct SummedScratch {
     share: Vec<f64>,
     /// Tokens GPU `d` receives from node `n`: `from_node[n * gpus + d]`.
     from_node: Vec<f64>,
+    /// One GPU's `from_node` entries while they are summed.
+    from_acc: Vec<f64>,
     /// Tokens GPU `d` receives in all, and from its own rank.
     all_in: Vec<f64>,
     own_in: Vec<f64>,
@@ -269,7 +271,7 @@ struct SummedScratch {
     in_node: Vec<f64>,
     /// Per-node sums when the load's nodes are not the group's.
     node_col: Vec<f64>,
-    /// Each node's summed shares of each expert (nodes x experts).
+    /// Each node's summed shares of each expert (nodes x experts); all zero between calls.
     node_share: Vec<f64>,
     /// For each GPU, the ranks that send it anything (gpus x words).
     senders: Vec<u64>,
@@ -381,31 +383,38 @@ fn price_summed(
         }
         &w.node_col
     };
-    w.from_node.clear();
+    // Every entry of these is written below (no need to zero them).
     w.from_node.resize(nn * ng, 0.0);
-    w.all_in.clear();
     w.all_in.resize(ng, 0.0);
-    w.own_in.clear();
     w.own_in.resize(ng, 0.0);
+    w.from_acc.resize(nn, 0.0);
     // Each node's share of each expert (nodes x experts): what fraction of an expert's tokens its slots there take.
-    w.node_share.clear();
-    w.node_share.resize(nn * e, 0.0);
+    // All zero between calls: only the entries of the placement's slots are set, and set back to zero after use.
+    if w.node_share.len() != nn * e {
+        w.node_share.clear();
+        w.node_share.resize(nn * e, 0.0);
+    }
     for d in 0..ng {
         let mut all = 0.0;
+        // What d receives from each node, summed from zero over d's slots in order.
+        let acc = &mut w.from_acc[..nn];
+        acc.fill(0.0);
         for j in d * spg..(d + 1) * spg {
             let (x, f) = (placement.slots[j] as usize, share[j]);
             all += f * load.col[x];
             w.node_share[nix[d] * e + x] += f;
-            for n in 0..nn {
-                w.from_node[n * ng + d] += f * node_col[n * e + x];
+            for (n, a) in acc.iter_mut().enumerate() {
+                *a += f * node_col[n * e + x];
             }
+        }
+        for (n, &a) in acc.iter().enumerate() {
+            w.from_node[n * ng + d] = a;
         }
         w.all_in[d] = all;
     }
     // What each rank sends to its own node's GPUs (its row against its node's shares, one sequential pass over
     // the row rather than a lookup per slot: the rows stream from memory) and to itself (its own slots, the row
     // now in cache).
-    w.in_node.clear();
     w.in_node.resize(ng, 0.0);
     for s in 0..ng {
         let row = &load.values[s * e..(s + 1) * e];
@@ -416,6 +425,11 @@ fn price_summed(
             own += share[j] * row[placement.slots[j] as usize];
         }
         w.own_in[s] = own;
+    }
+    for d in 0..ng {
+        for j in d * spg..(d + 1) * spg {
+            w.node_share[nix[d] * e + placement.slots[j] as usize] = 0.0;
+        }
     }
     let bytes = shape.d_model as f64 * shape.act_bytes as f64 * scale;
     let t = &mut w.a2a;
