@@ -159,7 +159,6 @@ fn place_with_counts(
         let b = v.to_bits() as i64;
         b ^ ((((b >> 63) as u64) >> 1) as i64)
     };
-    type Key = (bool, i64, u32, i64, std::cmp::Reverse<usize>);
     // The lightest open GPU of each node (u64::MAX: none).
     let mut heads: Vec<(u64, usize)> = open.iter().map(|o| o.first().copied().unwrap_or((u64::MAX, 0))).collect();
     // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`), and
@@ -181,47 +180,54 @@ fn place_with_counts(
             // Loads and the limit are non-negative: their bit patterns order like the values.
             let limit_bits = limit.to_bits();
             // Candidates: free GPUs within the tolerance of the least load, not holding this expert already.
-            // Within a node only the first component of the key differs by GPU, so the best candidate is
-            // either a GPU that holds the expert now or the lightest candidate of its node.
-            let key_of = |g: usize| -> Key {
-                let n = node_of(g);
+            // The preference as two integers that compare, as a pair, like the tuple (holds it now, tokens its
+            // node sends the expert, replicas of it on its node, lighter first, lower index first) with floats
+            // ordered as `total_cmp` orders them (GPU indices fit in 32 bits, as GPU ids do everywhere). Keys
+            // differ by GPU, so the best is the unique maximum.
+            let pack = |g: usize, n: usize| -> (u128, u128) {
+                let src = total_order(node_src.map_or(0.0, |m| m[n * e + x])) as u64 ^ 1 << 63;
+                let lighter = total_order(-gpu_load[g]) as u64 ^ 1 << 63;
                 (
-                    holds_now[g],
-                    total_order(node_src.map_or(0.0, |m| m[n * e + x])),
-                    node_has[n * e + x],
-                    total_order(-gpu_load[g]),
-                    std::cmp::Reverse(g),
+                    (holds_now[g] as u128) << 64 | src as u128,
+                    (node_has[n * e + x] as u128) << 96 | (lighter as u128) << 32 | (u32::MAX - g as u32) as u128,
                 )
             };
-            let mut best: Option<(Key, usize)> = None;
-            for (n, o) in open.iter().enumerate() {
-                if heads[n].0 > limit_bits {
-                    continue;
-                }
-                for &(l, g) in o {
-                    if l > limit_bits {
-                        break;
-                    }
-                    if took[g] == stamp {
-                        continue;
-                    }
-                    let k = key_of(g);
-                    if best.is_none_or(|(bk, _)| k > bk) {
-                        best = Some((k, g));
-                    }
-                    break;
-                }
-            }
+            // (Every key is above (0, 0): its last part is positive.)
+            let (mut best_key, mut best) = ((0u128, 0u128), usize::MAX);
+            // A GPU that holds the expert now outranks every other, and is a candidate exactly when it has a free
+            // slot, is within the limit and has not taken this expert yet.
             for &g in holders {
                 if fill[g] < spg && gpu_load[g].max(0.0) <= limit && took[g] != stamp {
-                    let k = key_of(g);
-                    if best.is_none_or(|(bk, _)| k > bk) {
-                        best = Some((k, g));
+                    let k = pack(g, node_of(g));
+                    if k > best_key {
+                        (best_key, best) = (k, g);
+                    }
+                }
+            }
+            if best == usize::MAX {
+                // Otherwise within a node only the lightness and index differ by GPU: the best candidate is the
+                // lightest of its node that has not taken the expert.
+                for (n, o) in open.iter().enumerate() {
+                    if heads[n].0 > limit_bits {
+                        continue;
+                    }
+                    for &(l, g) in o {
+                        if l > limit_bits {
+                            break;
+                        }
+                        if took[g] == stamp {
+                            continue;
+                        }
+                        let k = pack(g, n);
+                        if k > best_key {
+                            (best_key, best) = (k, g);
+                        }
+                        break;
                     }
                 }
             }
             // None fits: the least-loaded GPU with a free slot.
-            let best = best.map_or(lightest, |(_, g)| g);
+            let best = if best == usize::MAX { lightest } else { best };
             let n = node_of(best);
             let list = &mut open[n];
             let pos = list.iter().position(|&(_, g)| g == best).expect("the chosen GPU has a free slot");
