@@ -128,8 +128,10 @@ fn place_with_counts(
     // GPUs with a free slot, per node, ordered by load then index (non-negative f64 bit patterns order like the
     // values).
     let key = |l: f64| l.max(0.0).to_bits();
-    let mut open: Vec<Vec<(u64, usize)>> =
-        (0..nodes).map(|n| (n * gpn..((n + 1) * gpn).min(gpus)).map(|g| (key(0.0), g)).collect()).collect();
+    // (Each entry packed as `load bits << 64 | GPU`, which orders like the pair.)
+    let mut open: Vec<Vec<u128>> = (0..nodes)
+        .map(|n| (n * gpn..((n + 1) * gpn).min(gpus)).map(|g| (key(0.0) as u128) << 64 | g as u128).collect())
+        .collect();
     // The GPUs that hold each expert now, cut per expert.
     let mut hold_start = vec![0usize; e + 1];
     let mut hold_gpus: Vec<usize> = Vec::new();
@@ -159,8 +161,9 @@ fn place_with_counts(
         let b = v.to_bits() as i64;
         b ^ ((((b >> 63) as u64) >> 1) as i64)
     };
-    // The lightest open GPU of each node (u64::MAX: none).
-    let mut heads: Vec<(u64, usize)> = open.iter().map(|o| o.first().copied().unwrap_or((u64::MAX, 0))).collect();
+    // The lightest open GPU of each node, packed as in `open` (load bits u64::MAX: none).
+    const NONE: u128 = (u64::MAX as u128) << 64;
+    let mut heads: Vec<u128> = open.iter().map(|o| o.first().copied().unwrap_or(NONE)).collect();
     // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`), and
     // those that hold it now.
     let mut took = vec![0u32; gpus];
@@ -175,7 +178,8 @@ fn place_with_counts(
         }
         for _ in 0..cnt[x] {
             // `u64::MAX` (a node without a free GPU) orders after every load.
-            let Some(&(least_bits, lightest)) = heads.iter().min().filter(|h| h.0 != u64::MAX) else { break };
+            let Some(least) = heads.iter().copied().min().filter(|&h| h >> 64 != u64::MAX as u128) else { break };
+            let (least_bits, lightest) = ((least >> 64) as u64, least as u64 as usize);
             let limit = f64::from_bits(least_bits) + tol;
             // Loads and the limit are non-negative: their bit patterns order like the values.
             let limit_bits = limit.to_bits();
@@ -208,10 +212,11 @@ fn place_with_counts(
                 // Otherwise within a node only the lightness and index differ by GPU: the best candidate is the
                 // lightest of its node that has not taken the expert.
                 for (n, o) in open.iter().enumerate() {
-                    if heads[n].0 > limit_bits {
+                    if (heads[n] >> 64) as u64 > limit_bits {
                         continue;
                     }
-                    for &(l, g) in o {
+                    for &packed in o {
+                        let (l, g) = ((packed >> 64) as u64, packed as u64 as usize);
                         if l > limit_bits {
                             break;
                         }
@@ -230,7 +235,7 @@ fn place_with_counts(
             let best = if best == usize::MAX { lightest } else { best };
             let n = node_of(best);
             let list = &mut open[n];
-            let pos = list.iter().position(|&(_, g)| g == best).expect("the chosen GPU has a free slot");
+            let pos = list.iter().position(|&p| p as u64 as usize == best).expect("the chosen GPU has a free slot");
             bins[best * spg + fill[best]] = ex;
             fill[best] += 1;
             gpu_load[best] += per_replica[x];
@@ -239,7 +244,7 @@ fn place_with_counts(
             if fill[best] < spg {
                 // Its load only grew: its new place is at or after the old one (the list stays sorted, as a
                 // removal and a sorted insertion leave it).
-                let k = (key(gpu_load[best]), best);
+                let k = (key(gpu_load[best]) as u128) << 64 | best as u128;
                 let mut j = pos;
                 while j + 1 < list.len() && list[j + 1] < k {
                     list[j] = list[j + 1];
@@ -249,7 +254,7 @@ fn place_with_counts(
             } else {
                 list.remove(pos);
             }
-            heads[n] = list.first().copied().unwrap_or((u64::MAX, 0));
+            heads[n] = list.first().copied().unwrap_or(NONE);
         }
         for &g in holders {
             holds_now[g] = false;
