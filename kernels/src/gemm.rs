@@ -5,6 +5,8 @@
 //! * [`GemmBackend::PureRust`] (always available): the `gemm` crate, threaded with rayon
 //!   (`gemm::Parallelism::Rayon(threads)`) inside the rayon pool of an [`Engine`]; its AVX-512
 //!   micro-kernels (the crate's `x86-v4` feature) are picked at run time on CPUs that have them.
+//!   A transposed right operand (`A B^T`, every backward product with a weight) is first copied out
+//!   transposed (one reused buffer per thread, the size of `B`): the crate's own packing of it is slow.
 //! * [`GemmBackend::Blas`] (feature `blas`): OpenBLAS `cblas_sgemm` from the system
 //!   `libopenblas`, threaded by OpenBLAS itself (`openblas_set_num_threads`).
 //!
@@ -204,8 +206,57 @@ pub fn sgemm(
     }
 }
 
+/// Rows of `C` from which [`pure_rust`] copies a transposed right operand out before the product: there
+/// the copy costs less than the `gemm` crate's strided packing of it (measured in docs/BENCHMARKS.md).
+const TRANSPOSE_B_MIN_ROWS: usize = 2;
+
+thread_local! {
+    /// The transposed right operand of [`pure_rust`], reused between calls on one thread.
+    static B_TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The pure-Rust product. `C = A B^T` with many rows of `C` runs as `A (B^T)` on a transposed copy of `B`
+/// (the same products and sums; the choice depends on the shape only, so results do not depend on the
+/// thread count).
 #[allow(clippy::too_many_arguments)]
 fn pure_rust(
+    threads: usize,
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if tb == Trans::Yes && m >= TRANSPOSE_B_MIN_ROWS {
+        // Taken out of the thread's slot while in use: a nested call on this thread (a rayon thread may run
+        // other work while it waits inside a threaded product) finds it empty and uses its own.
+        let mut t = B_TRANSPOSED.with_borrow_mut(std::mem::take);
+        if t.len() < k * n {
+            t.resize(k * n, 0.0);
+        }
+        // B is stored as n rows of k (row stride ldb); op(B) is its k x n transpose.
+        crate::transpose::transpose_into(b, n, k, ldb, &mut t[..k * n]);
+        gemm_crate(threads, ta, Trans::No, m, n, k, a, lda, &t[..k * n], n, c, ldc, accumulate);
+        B_TRANSPOSED.with_borrow_mut(|slot| {
+            if t.len() > slot.len() {
+                *slot = t;
+            }
+        });
+        return;
+    }
+    gemm_crate(threads, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+/// `gemm::gemm` on row-major operands as given.
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
     threads: usize,
     ta: Trans,
     tb: Trans,
@@ -406,6 +457,30 @@ mod tests {
 
     proptest! {
         #![proptest_config(crate::testutil::config(24))]
+        /// A transposed right operand stored with a row stride above its width (the copied-out path of the
+        /// pure-Rust backend), accumulating or not, against the naive product.
+        #[test]
+        fn strided_transposed_b(m in 1usize..30, n in 1usize..30, k in 1usize..30, pad in 0usize..4,
+                                acc in any::<bool>(), threads in 1usize..3, seed in any::<u64>()) {
+            let mut rng = crate::testutil::rng(seed);
+            let a = crate::testutil::normal_vec(&mut rng, m * k, 1.0);
+            let ldb = k + pad;
+            let b = crate::testutil::normal_vec(&mut rng, n * ldb, 1.0);
+            let dense: Vec<f32> = (0..n).flat_map(|j| b[j * ldb..j * ldb + k].iter().copied()).collect();
+            let c0 = crate::testutil::normal_vec(&mut rng, m * n, 1.0);
+            for backend in [GemmBackend::PureRust, GemmBackend::Blas] {
+                if !backend.is_available() { continue; }
+                let engine = Engine::new(Compute { backend, threads }).unwrap();
+                let mut c = c0.clone();
+                engine.run(|cx| sgemm(cx, Trans::No, Trans::Yes, m, n, k, &a, k, &b, ldb, &mut c, n, acc)).unwrap();
+                let r = naive(Trans::No, Trans::Yes, m, n, k, &a, &dense);
+                for i in 0..m * n {
+                    let want = r[i] + if acc { c0[i] as f64 } else { 0.0 };
+                    prop_assert!((c[i] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt().max(1.0));
+                }
+            }
+        }
+
         #[test]
         fn sgemm_matches_naive(m in 0usize..40, n in 0usize..40, k in 0usize..40,
                                ta in any::<bool>(), tb in any::<bool>(), acc in any::<bool>(),

@@ -77,6 +77,7 @@ pub mod tensor;
 mod activation;
 #[cfg(test)]
 mod testutil;
+mod transpose;
 
 pub use bench::{KernelBenchConfig, KernelBenchReport, TorchBenchReport, run_kernel_bench};
 pub use bf16::{Storage, Stored};
