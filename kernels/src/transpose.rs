@@ -41,7 +41,8 @@ fn edges(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32], r8: 
 }
 
 /// The full 8 x 8 blocks: eight rows loaded as vectors, transposed in registers, stored as eight rows of
-/// `dst`. Walks down a block column, so each of the eight destination rows is written in order.
+/// `dst`; in tiles of 128 x 128 elements (64 KB read and written: matrices whose rows are a power of two
+/// apart would otherwise evict each other's lines), down each tile's block columns.
 ///
 /// # Safety
 /// The CPU must support AVX, `ld >= cols`, `src.len() >= (rows - 1) * ld + cols` and
@@ -50,44 +51,47 @@ fn edges(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32], r8: 
 #[target_feature(enable = "avx")]
 unsafe fn blocks_avx(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32]) {
     use std::arch::x86_64::*;
+    const TILE: usize = 128;
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
-    for c0 in (0..c8).step_by(8) {
-        for r0 in (0..r8).step_by(8) {
-            // SAFETY: rows r0..r0 + 8 <= rows and columns c0..c0 + 8 <= cols are inside `src` (row
-            // stride ld) and their transpose inside `dst` (row stride rows), by the caller's bounds.
-            unsafe {
-                let p = src.as_ptr().add(r0 * ld + c0);
-                let r = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| _mm256_loadu_ps(p.add(k * ld)));
-                // Pairs of rows interleaved, then groups of four, then the 128-bit halves exchanged.
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let o = [
-                    _mm256_permute2f128_ps::<0x20>(s0, s4),
-                    _mm256_permute2f128_ps::<0x20>(s1, s5),
-                    _mm256_permute2f128_ps::<0x20>(s2, s6),
-                    _mm256_permute2f128_ps::<0x20>(s3, s7),
-                    _mm256_permute2f128_ps::<0x31>(s0, s4),
-                    _mm256_permute2f128_ps::<0x31>(s1, s5),
-                    _mm256_permute2f128_ps::<0x31>(s2, s6),
-                    _mm256_permute2f128_ps::<0x31>(s3, s7),
-                ];
-                let q = dst.as_mut_ptr().add(c0 * rows + r0);
-                for (k, v) in o.into_iter().enumerate() {
-                    _mm256_storeu_ps(q.add(k * rows), v);
+    for (ct, rt) in (0..c8).step_by(TILE).flat_map(|ct| (0..r8).step_by(TILE).map(move |rt| (ct, rt))) {
+        for c0 in (ct..(ct + TILE).min(c8)).step_by(8) {
+            for r0 in (rt..(rt + TILE).min(r8)).step_by(8) {
+                // SAFETY: rows r0..r0 + 8 <= rows and columns c0..c0 + 8 <= cols are inside `src` (row
+                // stride ld) and their transpose inside `dst` (row stride rows), by the caller's bounds.
+                unsafe {
+                    let p = src.as_ptr().add(r0 * ld + c0);
+                    let r = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| _mm256_loadu_ps(p.add(k * ld)));
+                    // Pairs of rows interleaved, then groups of four, then the 128-bit halves exchanged.
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let o = [
+                        _mm256_permute2f128_ps::<0x20>(s0, s4),
+                        _mm256_permute2f128_ps::<0x20>(s1, s5),
+                        _mm256_permute2f128_ps::<0x20>(s2, s6),
+                        _mm256_permute2f128_ps::<0x20>(s3, s7),
+                        _mm256_permute2f128_ps::<0x31>(s0, s4),
+                        _mm256_permute2f128_ps::<0x31>(s1, s5),
+                        _mm256_permute2f128_ps::<0x31>(s2, s6),
+                        _mm256_permute2f128_ps::<0x31>(s3, s7),
+                    ];
+                    let q = dst.as_mut_ptr().add(c0 * rows + r0);
+                    for (k, v) in o.into_iter().enumerate() {
+                        _mm256_storeu_ps(q.add(k * rows), v);
+                    }
                 }
             }
         }
