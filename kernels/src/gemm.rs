@@ -215,9 +215,9 @@ thread_local! {
     static B_TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The pure-Rust product. `C = A B^T` with many rows of `C` runs as `A (B^T)` on a transposed copy of `B`
-/// (the same products and sums; the choice depends on the shape only, so results do not depend on the
-/// thread count).
+/// The pure-Rust product (`gemm::gemm` on row-major operands). `C = A B^T` with two rows or more runs as
+/// `A (B^T)` on a transposed copy of `B` (the same products and sums; the choice depends on the shape only, so
+/// results do not depend on the thread count).
 #[allow(clippy::too_many_arguments)]
 fn pure_rust(
     threads: usize,
@@ -234,43 +234,20 @@ fn pure_rust(
     ldc: usize,
     accumulate: bool,
 ) {
-    if tb == Trans::Yes && m >= TRANSPOSE_B_MIN_ROWS {
-        // Taken out of the thread's slot while in use: a nested call on this thread (a rayon thread may run
-        // other work while it waits inside a threaded product) finds it empty and uses its own.
-        let mut t = B_TRANSPOSED.with_borrow_mut(std::mem::take);
-        if t.len() < k * n {
-            t.resize(k * n, 0.0);
+    // Taken out of the thread's slot while in use: a nested call on this thread (a rayon thread may run other
+    // work while it waits inside a threaded product) finds it empty and uses its own.
+    let mut copy = Vec::new();
+    let (tb, b, ldb) = if tb == Trans::Yes && m >= TRANSPOSE_B_MIN_ROWS {
+        copy = B_TRANSPOSED.with_borrow_mut(std::mem::take);
+        if copy.len() < k * n {
+            copy.resize(k * n, 0.0);
         }
         // B is stored as n rows of k (row stride ldb); op(B) is its k x n transpose.
-        crate::transpose::transpose_into(b, n, k, ldb, &mut t[..k * n]);
-        gemm_crate(threads, ta, Trans::No, m, n, k, a, lda, &t[..k * n], n, c, ldc, accumulate);
-        B_TRANSPOSED.with_borrow_mut(|slot| {
-            if t.len() > slot.len() {
-                *slot = t;
-            }
-        });
-        return;
-    }
-    gemm_crate(threads, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
-
-/// `gemm::gemm` on row-major operands as given.
-#[allow(clippy::too_many_arguments)]
-fn gemm_crate(
-    threads: usize,
-    ta: Trans,
-    tb: Trans,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+        crate::transpose::transpose_into(b, n, k, ldb, &mut copy[..k * n]);
+        (Trans::No, &copy[..k * n], n)
+    } else {
+        (tb, b, ldb)
+    };
     let (a_rs, a_cs) = match ta {
         Trans::No => (lda as isize, 1),
         Trans::Yes => (1, lda as isize),
@@ -281,7 +258,8 @@ fn gemm_crate(
     };
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: `sgemm` checked that every (row, col) addressed through these strides lies
-    // inside the slices; `c` is borrowed mutably and does not alias `a` or `b`.
+    // inside the slices (a transposed copy of `B` is exactly k x n, row stride n); `c` is borrowed
+    // mutably and does not alias `a` or `b`.
     unsafe {
         gemm::gemm(
             m,
@@ -304,6 +282,13 @@ fn gemm_crate(
             false,
             parallelism,
         );
+    }
+    if !copy.is_empty() {
+        B_TRANSPOSED.with_borrow_mut(|slot| {
+            if copy.len() > slot.len() {
+                *slot = copy;
+            }
+        });
     }
 }
 
