@@ -6,7 +6,8 @@
 //!   (`gemm::Parallelism::Rayon(threads)`) inside the rayon pool of an [`Engine`]; its AVX-512
 //!   micro-kernels (the crate's `x86-v4` feature) are picked at run time on CPUs that have them.
 //!   A transposed right operand (`A B^T`, every backward product with a weight) is first copied out
-//!   transposed (one reused buffer per thread, the size of `B`): the crate's own packing of it is slow.
+//!   transposed (one reused buffer per thread, the size of `B`, for a `B` of up to 64 MB): the crate's own
+//!   packing of it is slow.
 //! * [`GemmBackend::Blas`] (feature `blas`): OpenBLAS `cblas_sgemm` from the system
 //!   `libopenblas`, threaded by OpenBLAS itself (`openblas_set_num_threads`).
 //!
@@ -210,14 +211,19 @@ pub fn sgemm(
 /// the copy costs less than the `gemm` crate's strided packing of it (measured in docs/BENCHMARKS.md).
 const TRANSPOSE_B_MIN_ROWS: usize = 2;
 
+/// Largest `B` (elements) that [`pure_rust`] copies out transposed: 64 MB of `f32`. The copy's buffer stays with
+/// its thread for the next call, so a larger operand (say a big vocabulary's output layer) is left to the
+/// crate's own packing rather than held twice.
+const TRANSPOSE_B_MAX_ELEMENTS: usize = 1 << 24;
+
 thread_local! {
     /// The transposed right operand of [`pure_rust`], reused between calls on one thread.
     static B_TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The pure-Rust product (`gemm::gemm` on row-major operands). `C = A B^T` with two rows or more runs as
-/// `A (B^T)` on a transposed copy of `B` (the same products and sums; the choice depends on the shape only, so
-/// results do not depend on the thread count).
+/// The pure-Rust product (`gemm::gemm` on row-major operands). `C = A B^T` with two rows or more (and `B` of
+/// at most [`TRANSPOSE_B_MAX_ELEMENTS`]) runs as `A (B^T)` on a transposed copy of `B` (the same products and
+/// sums; the choice depends on the shape only, so results do not depend on the thread count).
 #[allow(clippy::too_many_arguments)]
 fn pure_rust(
     threads: usize,
@@ -237,7 +243,7 @@ fn pure_rust(
     // Taken out of the thread's slot while in use: a nested call on this thread (a rayon thread may run other
     // work while it waits inside a threaded product) finds it empty and uses its own.
     let mut copy = Vec::new();
-    let (tb, b, ldb) = if tb == Trans::Yes && m >= TRANSPOSE_B_MIN_ROWS {
+    let (tb, b, ldb) = if tb == Trans::Yes && m >= TRANSPOSE_B_MIN_ROWS && k * n <= TRANSPOSE_B_MAX_ELEMENTS {
         copy = B_TRANSPOSED.with_borrow_mut(std::mem::take);
         if copy.len() < k * n {
             copy.resize(k * n, 0.0);
