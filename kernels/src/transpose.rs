@@ -2,8 +2,8 @@
 //!
 //! Why: the `gemm` crate packs a transposed right-hand operand (`C = A B^T`, as in every backward
 //! product with a weight) with a strided gather, ~3 ms per million elements on these machines; copying
-//! `B^T` out in 8 x 8 register blocks takes ~0.7 ms, after which the product is a plain one (the pure-Rust
-//! backend in [`crate::gemm`] does so; docs/BENCHMARKS.md).
+//! `B^T` out in 8 x 8 register blocks takes 0.36-0.5 ms, after which the product is a plain one (the
+//! pure-Rust backend in [`crate::gemm`] does so; docs/BENCHMARKS.md).
 
 /// `dst[c * rows + r] = src[r * ld + c]` for `r < rows`, `c < cols`: the `cols x rows` transpose of the
 /// `rows x cols` matrix stored in `src` with row stride `ld >= cols`. `dst` must hold `rows * cols`
@@ -13,16 +13,27 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, ld: usize, d
         return;
     }
     assert!(ld >= cols && src.len() >= (rows - 1) * ld + cols && dst.len() >= rows * cols);
+    // The grid of whole 8 x 8 blocks (none without AVX).
+    let (r8, c8) = if avx() { (rows / 8 * 8, cols / 8 * 8) } else { (0, 0) };
+    #[cfg(target_arch = "x86_64")]
+    if r8 > 0 && c8 > 0 {
+        // SAFETY: the CPU supports AVX (`avx()`), the grid lies inside the matrix and the bounds were
+        // asserted above.
+        unsafe { blocks_avx(src, rows, ld, dst, r8, c8) };
+    }
+    edges(src, rows, cols, ld, dst, r8, c8);
+}
+
+/// Whether the CPU runs AVX.
+fn avx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU supports AVX (checked just above); the bounds were asserted above.
-            unsafe { blocks_avx(src, rows, cols, ld, dst) };
-            edges(src, rows, cols, ld, dst, rows / 8 * 8, cols / 8 * 8);
-            return;
-        }
+        std::arch::is_x86_feature_detected!("avx")
     }
-    edges(src, rows, cols, ld, dst, 0, 0);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The elements outside the `r8 x c8` block grid: columns from `c8` in every row, then rows from `r8` in
@@ -40,24 +51,23 @@ fn edges(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32], r8: 
     }
 }
 
-/// The full 8 x 8 blocks: eight rows loaded as vectors, transposed in registers, stored as eight rows of
-/// `dst`; in tiles of 128 x 128 elements (64 KB read and written: matrices whose rows are a power of two
+/// The 8 x 8 blocks of the `r8 x c8` grid: eight rows loaded as vectors, transposed in registers, stored as
+/// eight rows of `dst`; in tiles of 128 x 128 elements (64 KB read and written: matrices whose rows are a power of two
 /// apart would otherwise evict each other's lines), down each tile's block columns.
 ///
 /// # Safety
-/// The CPU must support AVX, `ld >= cols`, `src.len() >= (rows - 1) * ld + cols` and
-/// `dst.len() >= rows * cols`.
+/// The CPU must support AVX, `r8 <= rows` and `c8 <= ld` multiples of 8 with `src.len() >= (rows - 1) * ld +
+/// c8` and `dst.len() >= rows * c8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn blocks_avx(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32]) {
+unsafe fn blocks_avx(src: &[f32], rows: usize, ld: usize, dst: &mut [f32], r8: usize, c8: usize) {
     use std::arch::x86_64::*;
     const TILE: usize = 128;
-    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     for (ct, rt) in (0..c8).step_by(TILE).flat_map(|ct| (0..r8).step_by(TILE).map(move |rt| (ct, rt))) {
         for c0 in (ct..(ct + TILE).min(c8)).step_by(8) {
             for r0 in (rt..(rt + TILE).min(r8)).step_by(8) {
-                // SAFETY: rows r0..r0 + 8 <= rows and columns c0..c0 + 8 <= cols are inside `src` (row
-                // stride ld) and their transpose inside `dst` (row stride rows), by the caller's bounds.
+                // SAFETY: rows r0..r0 + 8 <= r8 and columns c0..c0 + 8 <= c8 are inside `src` (row stride ld)
+                // and their transpose inside `dst` (row stride rows), by the caller's bounds.
                 unsafe {
                     let p = src.as_ptr().add(r0 * ld + c0);
                     let r = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| _mm256_loadu_ps(p.add(k * ld)));
