@@ -102,8 +102,7 @@ fn loads_and_homes(placement: &Placement, loads: &[f64]) -> (Vec<f64>, Vec<Vec<u
 /// water-filling ([`balance_shares_waterfill`]), which converges to the same balance in practice at a fraction of
 /// the cost.
 pub fn balance_shares(placement: &Placement, loads: &[f64]) -> Result<(Placement, f64), PlacementError> {
-    let flexible = count_flexible(placement);
-    if flexible <= 64 && placement.gpus <= 32 {
+    if placement.gpus <= 32 && count_flexible(placement) <= 64 {
         balance_shares_exact(placement, loads)
     } else {
         balance_shares_waterfill(placement, loads, 12)
@@ -127,8 +126,7 @@ pub fn balance_shares_waterfill(
 
 /// [`balance_shares`] without the busiest load (the placement only).
 pub(crate) fn balanced_shares_only(placement: &Placement, loads: &[f64]) -> Result<Placement, PlacementError> {
-    let flexible = count_flexible(placement);
-    if flexible <= 64 && placement.gpus <= 32 {
+    if placement.gpus <= 32 && count_flexible(placement) <= 64 {
         balance_shares_exact(placement, loads).map(|x| x.0)
     } else {
         Ok(WATERFILL.with_borrow_mut(|w| waterfill_with(placement, loads, 12, w)))
@@ -470,7 +468,9 @@ fn with_shares_of(placement: &Placement, ex: &ExpertSlots, multi: &[usize], frac
         let mut big = slots[0];
         for &s in slots {
             let f = if sum > 0.0 { fractions[s] / sum } else { 1.0 / n };
-            out[s] = (f * SHARE_UNIT as f64).floor() as u32;
+            // (`as` truncates toward zero and saturates: the floor for every value, NaN and negatives as 0,
+            // without a call to the C library's `floor` on CPUs without SSE4.1.)
+            out[s] = (f * SHARE_UNIT as f64) as u32;
             given += out[s];
             if out[s] >= out[big] {
                 big = s;

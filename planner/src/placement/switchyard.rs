@@ -161,24 +161,21 @@ fn place_with_counts(
         let b = v.to_bits() as i64;
         b ^ ((((b >> 63) as u64) >> 1) as i64)
     };
-    // The lightest open GPU of each node, packed as in `open` (load bits u64::MAX: none).
-    const NONE: u128 = (u64::MAX as u128) << 64;
-    let mut heads: Vec<u128> = open.iter().map(|o| o.first().copied().unwrap_or(NONE)).collect();
-    // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`), and
-    // those that hold it now.
+    // The lightest open GPU of each node, packed as in `open` ([`NO_HEAD`]: none).
+    let mut heads: Vec<u128> = open.iter().map(|o| o.first().copied().unwrap_or(NO_HEAD)).collect();
+    // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`).
     let mut took = vec![0u32; gpus];
-    let mut holds_now = vec![false; gpus];
     for &packed in &order {
         let ex = packed as u32;
         let x = ex as usize;
         let stamp = ex + 1;
         let holders = &hold_gpus[hold_start[x]..hold_start[x + 1]];
-        for &g in holders {
-            holds_now[g] = true;
-        }
         for _ in 0..cnt[x] {
             // `u64::MAX` (a node without a free GPU) orders after every load.
-            let Some(least) = heads.iter().copied().min().filter(|&h| h >> 64 != u64::MAX as u128) else { break };
+            let least = least_head(&heads);
+            if least >> 64 == u64::MAX as u128 {
+                break;
+            }
             let (least_bits, lightest) = ((least >> 64) as u64, least as u64 as usize);
             let limit = f64::from_bits(least_bits) + tol;
             // Loads and the limit are non-negative: their bit patterns order like the values.
@@ -188,13 +185,10 @@ fn place_with_counts(
             // node sends the expert, replicas of it on its node, lighter first, lower index first) with floats
             // ordered as `total_cmp` orders them (GPU indices fit in 32 bits, as GPU ids do everywhere). Keys
             // differ by GPU, so the best is the unique maximum.
-            let pack = |g: usize, n: usize| -> (u128, u128) {
-                let src = total_order(node_src.map_or(0.0, |m| m[n * e + x])) as u64 ^ 1 << 63;
+            let src_of = |n: usize| total_order(node_src.map_or(0.0, |m| m[n * e + x])) as u64 ^ 1 << 63;
+            let rest_of = |g: usize, n: usize| {
                 let lighter = total_order(-gpu_load[g]) as u64 ^ 1 << 63;
-                (
-                    (holds_now[g] as u128) << 64 | src as u128,
-                    (node_has[n * e + x] as u128) << 96 | (lighter as u128) << 32 | (u32::MAX - g as u32) as u128,
-                )
+                (node_has[n * e + x] as u128) << 96 | (lighter as u128) << 32 | (u32::MAX - g as u32) as u128
             };
             // (Every key is above (0, 0): its last part is positive.)
             let (mut best_key, mut best) = ((0u128, 0u128), usize::MAX);
@@ -202,33 +196,41 @@ fn place_with_counts(
             // slot, is within the limit and has not taken this expert yet.
             for &g in holders {
                 if fill[g] < spg && gpu_load[g].max(0.0) <= limit && took[g] != stamp {
-                    let k = pack(g, node_of(g));
+                    let n = node_of(g);
+                    let k = (1u128 << 64 | src_of(n) as u128, rest_of(g, n));
                     if k > best_key {
                         (best_key, best) = (k, g);
                     }
                 }
             }
             if best == usize::MAX {
-                // Otherwise within a node only the lightness and index differ by GPU: the best candidate is the
-                // lightest of its node that has not taken the expert.
-                for (n, o) in open.iter().enumerate() {
-                    if (heads[n] >> 64) as u64 > limit_bits {
+                // Otherwise no candidate holds the expert (the first part of every key is its node's tokens), and
+                // within a node only the lightness and index differ by GPU: the best candidate is the lightest of
+                // its node that has not taken the expert. Nodes compared without branches on the outcome.
+                let (mut best_src, mut best_rest) = (0u64, 0u128);
+                for (n, &head) in heads.iter().enumerate() {
+                    if (head >> 64) as u64 > limit_bits {
                         continue;
                     }
-                    for &packed in o {
-                        let (l, g) = ((packed >> 64) as u64, packed as u64 as usize);
-                        if l > limit_bits {
-                            break;
-                        }
-                        if took[g] == stamp {
+                    // The node's lightest GPU, unless it took the expert already (rare): then the next within
+                    // the limit.
+                    let mut g = head as u64 as usize;
+                    if took[g] == stamp {
+                        let Some(next) = open[n]
+                            .iter()
+                            .take_while(|&&p| (p >> 64) as u64 <= limit_bits)
+                            .map(|&p| p as u64 as usize)
+                            .find(|&h| took[h] != stamp)
+                        else {
                             continue;
-                        }
-                        let k = pack(g, n);
-                        if k > best_key {
-                            (best_key, best) = (k, g);
-                        }
-                        break;
+                        };
+                        g = next;
                     }
+                    let (src, rest) = (src_of(n), rest_of(g, n));
+                    let take = (src > best_src) | ((src == best_src) & (rest > best_rest));
+                    best_src = if take { src } else { best_src };
+                    best_rest = if take { rest } else { best_rest };
+                    best = if take { g } else { best };
                 }
             }
             // None fits: the least-loaded GPU with a free slot.
@@ -254,10 +256,7 @@ fn place_with_counts(
             } else {
                 list.remove(pos);
             }
-            heads[n] = list.first().copied().unwrap_or(NONE);
-        }
-        for &g in holders {
-            holds_now[g] = false;
+            heads[n] = list.first().copied().unwrap_or(NO_HEAD);
         }
     }
 
@@ -359,6 +358,26 @@ fn place_with_counts(
     // 5. Token shares: split replicated experts' tokens so the busiest GPU carries the least.
     if opts.token_shares { super::shares::balanced_shares_only(&placed, loads) } else { Ok(placed) }
 }
+
+/// The least of the packed node heads, in four independent running minima (no chain of dependent comparisons
+/// as long as the nodes).
+#[inline(always)]
+fn least_head(heads: &[u128]) -> u128 {
+    let mut m = [NO_HEAD; 4];
+    let chunks = heads.chunks_exact(4);
+    for &h in chunks.remainder() {
+        m[0] = m[0].min(h);
+    }
+    for c in chunks {
+        for (mk, &h) in m.iter_mut().zip(c) {
+            *mk = (*mk).min(h);
+        }
+    }
+    m[0].min(m[1]).min(m[2].min(m[3]))
+}
+
+/// A node without a free GPU, as a packed head (load bits `u64::MAX`: after every load).
+const NO_HEAD: u128 = (u64::MAX as u128) << 64;
 
 /// Step 3: while the busiest GPU's load falls, swap one of its slots with a slot of another GPU, or retarget one
 /// of its replicas to the expert with the highest load per replica.
