@@ -332,15 +332,17 @@ pub(super) fn gpu_compute_s(
     let mut gpu_tokens = vec![0.0; ng];
     let rates = DeviceRates { peak_flops: shape.peak_flops, hbm_bytes_per_s: fabric.hbm_bytes_per_s };
     let fixed = 2.0 * c.per_expert_overhead_us * 1e-6;
-    for (slot, (&e, &sh)) in placement.slots.iter().zip(share.iter()).enumerate() {
-        let g = slot / spg;
-        let tokens = expert_tokens(e as usize) * sh;
-        if tokens <= 0.0 {
-            continue;
+    // (GPU by GPU, its slots in order: no division per slot.)
+    for (g, (xs, shs)) in placement.slots.chunks_exact(spg).zip(share.chunks_exact(spg)).enumerate() {
+        for (&e, &sh) in xs.iter().zip(shs) {
+            let tokens = expert_tokens(e as usize) * sh;
+            if tokens <= 0.0 {
+                continue;
+            }
+            let (f, b) = ffn_time_s(tokens, d, shape.d_ffn as f64, shape.gated, shape.act_bytes as f64, rates, c);
+            gpu_time[g] += f + b + fixed;
+            gpu_tokens[g] += tokens;
         }
-        let (f, b) = ffn_time_s(tokens, d, shape.d_ffn as f64, shape.gated, shape.act_bytes as f64, rates, c);
-        gpu_time[g] += f + b + fixed;
-        gpu_tokens[g] += tokens;
     }
     for (t, own) in gpu_time.iter_mut().zip(own) {
         *t += elementwise_time_s(own * d * shape.act_bytes as f64 * 8.0, fabric.hbm_bytes_per_s);
@@ -382,9 +384,11 @@ pub(super) fn replica_sync_of(
     let members = &mut w.members;
     members.clear();
     members.resize(ns, 0);
-    for (slot, &x) in placement.slots.iter().enumerate() {
-        members[fill[x as usize]] = gpus[slot / spg];
-        fill[x as usize] += 1;
+    for (xs, &gpu) in placement.slots.chunks_exact(spg).zip(gpus) {
+        for &x in xs {
+            members[fill[x as usize]] = gpu;
+            fill[x as usize] += 1;
+        }
     }
     let sets = &mut w.sets;
     sets.clear();

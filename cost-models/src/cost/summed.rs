@@ -262,8 +262,6 @@ struct SummedScratch {
     share: Vec<f64>,
     /// Tokens GPU `d` receives from node `n`: `from_node[n * gpus + d]`.
     from_node: Vec<f64>,
-    /// One GPU's `from_node` entries while they are summed.
-    from_acc: Vec<f64>,
     /// Tokens GPU `d` receives in all, and from its own rank.
     all_in: Vec<f64>,
     own_in: Vec<f64>,
@@ -387,7 +385,6 @@ fn price_summed(
     w.from_node.resize(nn * ng, 0.0);
     w.all_in.resize(ng, 0.0);
     w.own_in.resize(ng, 0.0);
-    w.from_acc.resize(nn, 0.0);
     // Each node's share of each expert (nodes x experts): what fraction of an expert's tokens its slots there take.
     // All zero between calls: only the entries of the placement's slots are set, and set back to zero after use.
     if w.node_share.len() != nn * e {
@@ -396,21 +393,24 @@ fn price_summed(
     }
     for d in 0..ng {
         let mut all = 0.0;
-        // What d receives from each node, summed from zero over d's slots in order.
-        let acc = &mut w.from_acc[..nn];
-        acc.fill(0.0);
         for j in d * spg..(d + 1) * spg {
             let (x, f) = (placement.slots[j] as usize, share[j]);
             all += f * load.col[x];
             w.node_share[nix[d] * e + x] += f;
-            for (n, a) in acc.iter_mut().enumerate() {
-                *a += f * node_col[n * e + x];
-            }
-        }
-        for (n, &a) in acc.iter().enumerate() {
-            w.from_node[n * ng + d] = a;
         }
         w.all_in[d] = all;
+    }
+    // What each GPU d receives from each node n, summed from zero over d's slots in order: node by node, so that
+    // the lookups stay in one node's row of sums.
+    for (n, from) in w.from_node.chunks_exact_mut(ng).enumerate() {
+        let nc = &node_col[n * e..(n + 1) * e];
+        for (d, v) in from.iter_mut().enumerate() {
+            let mut a = 0.0;
+            for j in d * spg..(d + 1) * spg {
+                a += share[j] * nc[placement.slots[j] as usize];
+            }
+            *v = a;
+        }
     }
     // What each rank sends to its own node's GPUs (its row against its node's shares, one sequential pass over
     // the row rather than a lookup per slot: the rows stream from memory) and to itself (its own slots, the row

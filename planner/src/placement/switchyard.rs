@@ -278,6 +278,7 @@ fn place_with_counts(
         let mut hungarian = Hungarian::default();
         let mut old: Vec<u32> = Vec::new();
         let mut old_fill: Vec<usize> = Vec::new();
+        let mut direct: Vec<usize> = Vec::new();
         for n in 0..nodes {
             let lo = n * gpn;
             let k = ((n + 1) * gpn).min(gpus) - lo;
@@ -317,7 +318,11 @@ fn place_with_counts(
                     }
                 }
             }
-            let assign = hungarian.solve(&cost, k);
+            // When every bin has one GPU strictly cheapest for it and those GPUs differ, that assignment is the
+            // only optimum (any other costs more in some row and no less in the rest): the Hungarian algorithm
+            // would return it. (The common case once placements settle: each bin is mostly one GPU's experts.)
+            let assign: &[usize] =
+                if strict_row_minima(&cost, k, &mut direct) { &direct } else { hungarian.solve(&cost, k) };
             old.clear();
             old.extend_from_slice(&bins[lo * spg..(lo + k) * spg]);
             old_fill.clear();
@@ -596,6 +601,31 @@ pub fn placement_and_repair(
         repair_placement(loads, current, opts)
     };
     (place_with_counts(&clean, cnt, node_src, Some(current), gpus, slots_per_gpu, opts), repair)
+}
+
+/// Whether each row of the `n` x `n` row-major `cost` has a unique strict minimum and those minima lie in
+/// distinct columns; then `out` holds each row's column (the unique minimum-cost assignment).
+fn strict_row_minima(cost: &[f64], n: usize, out: &mut Vec<usize>) -> bool {
+    out.clear();
+    if n > 128 || cost.len() < n * n {
+        return false;
+    }
+    let mut taken = 0u128;
+    for row in cost.chunks_exact(n.max(1)).take(n) {
+        let mut best = 0;
+        for (j, &c) in row.iter().enumerate().skip(1) {
+            if c < row[best] {
+                best = j;
+            }
+        }
+        let strict = row.iter().enumerate().all(|(j, &c)| j == best || c > row[best]);
+        if !strict || taken >> best & 1 == 1 {
+            return false;
+        }
+        taken |= 1 << best;
+        out.push(best);
+    }
+    out.len() == n
 }
 
 /// Scratch of the Hungarian algorithm, reused between calls.
@@ -1121,6 +1151,31 @@ mod equals_reference {
                 let (pa, ra) = placement_and_repair(&loads, node_src.as_deref(), cur, gpus, slots, &opts);
                 prop_assert_eq!(pa.ok(), a.ok());
                 prop_assert_eq!(ra, r);
+            }
+        }
+
+        /// Where the rows' strict minima form a permutation, it is the assignment the Hungarian algorithm gives.
+        #[test]
+        fn strict_row_minima_are_the_assignment(n in 0usize..9, seed in 0u64..100_000, spread in 1u64..6) {
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut cost: Vec<f64> = (0..n * n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % spread) as f64 + 1.0
+                })
+                .collect();
+            // Often a permutation of strict minima: zeros on a shifted diagonal.
+            if seed % 2 == 0 {
+                for i in 0..n {
+                    cost[i * n + (i + seed as usize) % n] = 0.0;
+                }
+            }
+            let mut direct = Vec::new();
+            if strict_row_minima(&cost, n, &mut direct) {
+                let mut h = Hungarian::default();
+                prop_assert_eq!(&direct[..], h.solve(&cost, n));
             }
         }
 
