@@ -155,12 +155,6 @@ fn place_with_counts(
             }
         }
     }
-    // Preference among candidates: (holds it now, tokens its node sends the expert, replicas of it on its node,
-    // lighter first), then the lower index; floats compared as `total_cmp` orders them.
-    let total_order = |v: f64| {
-        let b = v.to_bits() as i64;
-        b ^ ((((b >> 63) as u64) >> 1) as i64)
-    };
     // The lightest open GPU of each node, packed as in `open` ([`NO_HEAD`]: none).
     let mut heads: Vec<u128> = open.iter().map(|o| o.first().copied().unwrap_or(NO_HEAD)).collect();
     // GPUs that took the expert being placed (its replicas come one after another: `took[g] == ex + 1`).
@@ -180,34 +174,31 @@ fn place_with_counts(
             let limit = f64::from_bits(least_bits) + tol;
             // Loads and the limit are non-negative: their bit patterns order like the values.
             let limit_bits = limit.to_bits();
-            // Candidates: free GPUs within the tolerance of the least load, not holding this expert already.
-            // The preference as two integers that compare, as a pair, like the tuple (holds it now, tokens its
-            // node sends the expert, replicas of it on its node, lighter first, lower index first) with floats
-            // ordered as `total_cmp` orders them (GPU indices fit in 32 bits, as GPU ids do everywhere). Keys
-            // differ by GPU, so the best is the unique maximum.
-            let src_of = |n: usize| total_order(node_src.map_or(0.0, |m| m[n * e + x])) as u64 ^ 1 << 63;
-            let rest_of = |g: usize, n: usize| {
-                let lighter = total_order(-gpu_load[g]) as u64 ^ 1 << 63;
-                (node_has[n * e + x] as u128) << 96 | (lighter as u128) << 32 | (u32::MAX - g as u32) as u128
+            // Candidates: free GPUs within the tolerance of the least load, not holding this expert already,
+            // preferred by (holds it now, tokens its node sends the expert, replicas of it on its node, lighter
+            // first, lower index first), floats ordered as `total_cmp` orders them. A GPU that holds the expert
+            // now outranks every other, so the holders are looked at first and the rest only when none is a
+            // candidate: among either, the key is (its node's tokens, the rest packed into one integer; GPU
+            // indices fit in 32 bits, as GPU ids do everywhere). Keys differ by GPU, so the best is the unique
+            // maximum; every key is above (0, 0) (its last part is positive). Compared without branches on the
+            // outcome, which the loads decide.
+            let pref = |g: usize, n: usize| {
+                let rest = (node_has[n * e + x] as u128) << 96
+                    | (ordered_bits(-gpu_load[g]) as u128) << 32
+                    | (u32::MAX - g as u32) as u128;
+                (ordered_bits(node_src.map_or(0.0, |m| m[n * e + x])), rest)
             };
-            // (Every key is above (0, 0): its last part is positive.)
-            let (mut best_key, mut best) = ((0u128, 0u128), usize::MAX);
-            // A GPU that holds the expert now outranks every other, and is a candidate exactly when it has a free
-            // slot, is within the limit and has not taken this expert yet.
+            let mut pick = Pick::default();
+            // A holder is a candidate exactly when it has a free slot, is within the limit and has not taken
+            // this expert yet.
             for &g in holders {
                 if fill[g] < spg && gpu_load[g].max(0.0) <= limit && took[g] != stamp {
-                    let n = node_of(g);
-                    let k = (1u128 << 64 | src_of(n) as u128, rest_of(g, n));
-                    if k > best_key {
-                        (best_key, best) = (k, g);
-                    }
+                    pick.offer(pref(g, node_of(g)), g);
                 }
             }
-            if best == usize::MAX {
-                // Otherwise no candidate holds the expert (the first part of every key is its node's tokens), and
-                // within a node only the lightness and index differ by GPU: the best candidate is the lightest of
-                // its node that has not taken the expert. Nodes compared without branches on the outcome.
-                let (mut best_src, mut best_rest) = (0u64, 0u128);
+            if pick.gpu.is_none() {
+                // Within a node only the lightness and index differ by GPU: the best candidate is the lightest of
+                // its node that has not taken the expert.
                 for (n, &head) in heads.iter().enumerate() {
                     if (head >> 64) as u64 > limit_bits {
                         continue;
@@ -226,15 +217,11 @@ fn place_with_counts(
                         };
                         g = next;
                     }
-                    let (src, rest) = (src_of(n), rest_of(g, n));
-                    let take = (src > best_src) | ((src == best_src) & (rest > best_rest));
-                    best_src = if take { src } else { best_src };
-                    best_rest = if take { rest } else { best_rest };
-                    best = if take { g } else { best };
+                    pick.offer(pref(g, n), g);
                 }
             }
             // None fits: the least-loaded GPU with a free slot.
-            let best = if best == usize::MAX { lightest } else { best };
+            let best = pick.gpu.unwrap_or(lightest);
             let n = node_of(best);
             let list = &mut open[n];
             let pos = list.iter().position(|&p| p as u64 as usize == best).expect("the chosen GPU has a free slot");
@@ -362,6 +349,24 @@ fn place_with_counts(
     let placed = Placement::new(gpus, slots_per_gpu, e, bins)?;
     // 5. Token shares: split replicated experts' tokens so the busiest GPU carries the least.
     if opts.token_shares { super::shares::balanced_shares_only(&placed, loads) } else { Ok(placed) }
+}
+
+/// The construction's best candidate so far, by its key (its node's tokens, the rest of the preference packed
+/// into one integer), kept without branches on the comparison's outcome.
+#[derive(Default)]
+struct Pick {
+    key: (u64, u128),
+    gpu: Option<usize>,
+}
+
+impl Pick {
+    /// Keeps GPU `g` if `key` is above the best so far.
+    #[inline(always)]
+    fn offer(&mut self, key: (u64, u128), g: usize) {
+        let take = (key.0 > self.key.0) | ((key.0 == self.key.0) & (key.1 > self.key.1));
+        self.key = if take { key } else { self.key };
+        self.gpu = if take { Some(g) } else { self.gpu };
+    }
 }
 
 /// The least of the packed node heads, in four independent running minima (no chain of dependent comparisons
